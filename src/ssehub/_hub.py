@@ -1,0 +1,488 @@
+"""The Hub: event log + broker; publish, subscribe (replay then live), drain."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import re
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Final, Literal
+
+from ._broker import Broker
+from ._channel import DisconnectReason, Lagged, Subscription
+from ._config import DEFAULT_BACKEND, HubConfig
+from ._exceptions import (
+    BackendError,
+    ConfigError,
+    HistoryGoneError,
+    HubClosedError,
+    HubError,
+    InvalidEventError,
+    InvalidRequestError,
+    PayloadTooLargeError,
+)
+from ._models import Event, NewEvent, validate_event_name, validate_retry, validate_topic
+from .backends import EventLog, Retention, SupportsHealth, open_event_log
+
+if TYPE_CHECKING:
+    from fastapi import APIRouter, FastAPI
+    from fastapi.sse import ServerSentEvent
+
+logger = logging.getLogger("ssehub.hub")
+
+REPLAY_PAGE_SIZE: Final = 1000
+_EVENT_ID: Final = re.compile(r"[0-9]{1,19}")
+
+HubState = Literal["new", "running", "draining", "closed"]
+
+
+@dataclass(frozen=True, slots=True)
+class HubStatistics:
+    """A snapshot of the hub's live counts."""
+
+    subscribers: int
+    streams: int
+    topics: int
+    head_id: int
+    published: int
+    state: str
+
+
+@dataclass(slots=True)
+class ResumePlan:
+    """What a new subscription needs before it goes live.
+
+    ``reset`` set: tell the client its resume point cannot be honoured, then go live.
+    ``replay_after`` set: replay ``(replay_after, upto]`` from the log first.
+    """
+
+    upto: int
+    reset: HistoryGoneError | None = None
+    replay_after: int | None = None
+    fresh: bool = False
+    """No resume point was given: the client starts live at ``upto``."""
+
+
+def parse_event_id(value: str) -> int:
+    """Parse a client's resume point, or raise HistoryGoneError("malformed")."""
+    if _EVENT_ID.fullmatch(value) is None:
+        raise HistoryGoneError("malformed", f"Last-Event-ID {value[:40]!r} is not an event id")
+    return int(value)
+
+
+class Hub:
+    """A Server-Sent Events hub: topics, publish, subscribe with replay, drain.
+
+    ``backend`` is a URL (``memory://``, ``sqlite:///path.db``) or a ready EventLog.
+    Settings are :class:`HubConfig` fields, given as keywords or as ``config=``.
+    """
+
+    def __init__(
+        self,
+        backend: str | EventLog = DEFAULT_BACKEND,
+        *,
+        config: HubConfig | None = None,
+        retention: Retention | None = None,
+        **settings: Any,
+    ) -> None:
+        if config is not None and settings:
+            raise ConfigError("pass either config= or individual settings, not both")
+        self.config = config or HubConfig.from_settings(**settings)
+        self.backend_url = backend if isinstance(backend, str) else type(backend).__name__
+        self._log: EventLog = (
+            open_event_log(backend, retention) if isinstance(backend, str) else backend
+        )
+        self._broker = Broker(0, self.config.ring_size)
+        self._state: HubState = "new"
+        self._pending: list[tuple[NewEvent, asyncio.Future[Event]]] = []
+        self._wakeup: asyncio.Event | None = None
+        self._closing = False
+        self._tasks: list[asyncio.Task[None]] = []
+        self._streams: set[Subscription] = set()
+        self._idle: asyncio.Event | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._published = 0
+        self._router: APIRouter | None = None
+
+    # -- lifecycle ------------------------------------------------------------------
+
+    @property
+    def state(self) -> HubState:
+        return self._state
+
+    @property
+    def event_log(self) -> EventLog:
+        return self._log
+
+    async def start(self) -> None:
+        """Open the event log and start the hub's background tasks."""
+        if self._state != "new":
+            raise HubClosedError(f"the hub cannot start from state {self._state!r}")
+        self._loop = asyncio.get_running_loop()
+        await self._log.start()
+        self._broker.head = self._log.head()
+        self._wakeup = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._tasks.append(asyncio.create_task(self._append_loop(), name="ssehub-appender"))
+        if self.config.heartbeat_interval > 0:
+            self._tasks.append(asyncio.create_task(self._heartbeat_loop(), name="ssehub-heartbeat"))
+        self._state = "running"
+        logger.info("hub started", extra={"backend": self.backend_url, "head": self._broker.head})
+
+    async def aclose(self, grace: float = 10.0) -> None:
+        """Drain streams, flush pending publishes, close the log. Idempotent."""
+        if self._state == "closed":
+            return
+        if self._state == "new":
+            self._state = "closed"
+            await self._log.aclose()
+            return
+        await self.drain(grace=grace)
+        self._closing = True
+        assert self._wakeup is not None
+        self._wakeup.set()
+        appender, *others = self._tasks
+        for task in others:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._state = "closed"
+        await self._log.aclose()
+
+    async def __aenter__(self) -> Hub:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(self, app: FastAPI | None = None) -> AsyncIterator[None]:
+        """Use as ``FastAPI(lifespan=hub.lifespan)``: start, then drain and close."""
+        await self.start()
+        try:
+            yield
+        finally:
+            await self.aclose()
+
+    def begin_drain(self) -> None:
+        """Start draining from any thread or a signal handler; returns at once."""
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return
+        loop.call_soon_threadsafe(self._drain_now)
+
+    def _drain_now(self) -> None:
+        if self._state == "running":
+            self._state = "draining"
+            logger.info("hub draining", extra={"subscribers": len(self._broker.subscriptions)})
+        for sub in list(self._broker.subscriptions):
+            sub.close(DisconnectReason.SHUTDOWN)
+
+    async def drain(self, grace: float = 10.0) -> None:
+        """Send every open stream ``event: disconnect`` (reason shutdown) and wait up to
+        ``grace`` seconds for them to close. New subscriptions are refused from now on."""
+        self._drain_now()
+        assert self._idle is not None
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(grace):
+                await self._idle.wait()
+
+    async def check_ready(self) -> None:
+        """Raise if the hub cannot serve: not running, or the backend does not answer."""
+        if self._state != "running":
+            raise HubClosedError(f"the hub is {self._state}")
+        if isinstance(self._log, SupportsHealth):
+            await self._log.check_ready()
+
+    def statistics(self) -> HubStatistics:
+        return HubStatistics(
+            subscribers=len(self._broker.subscriptions),
+            streams=len(self._streams),
+            topics=self._broker.topic_count,
+            head_id=self._broker.head,
+            published=self._published,
+            state=self._state,
+        )
+
+    @property
+    def router(self) -> APIRouter:
+        """The hub's HTTP API as a FastAPI router (``app.include_router(hub.router)``)."""
+        if self._router is None:
+            from ._routes import build_router
+
+            self._router = build_router(self)
+        return self._router
+
+    # -- publish --------------------------------------------------------------------
+
+    def prepare(
+        self,
+        topic: str,
+        data: Any = None,
+        *,
+        event: str | None = None,
+        retry: int | None = None,
+        raw_data: str | None = None,
+    ) -> NewEvent:
+        """Validate and encode an event for publishing (raises InvalidRequestError)."""
+        validate_topic(topic)
+        validate_event_name(event)
+        validate_retry(retry)
+        if raw_data is not None:
+            if data is not None:
+                raise InvalidEventError("give either data (JSON) or raw_data (text), not both")
+            if not isinstance(raw_data, str):
+                raise InvalidEventError("raw_data must be a string")
+            text = raw_data
+        else:
+            try:
+                text = json.dumps(data, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+            except (TypeError, ValueError) as exc:
+                raise InvalidEventError(f"data is not JSON-serializable: {exc}") from exc
+        if len(text) > self.config.max_body_size:
+            raise PayloadTooLargeError(
+                f"event data is larger than the limit of {self.config.max_body_size} bytes"
+            )
+        return NewEvent(topic=topic, data=text, event=event, retry=retry)
+
+    async def publish(
+        self,
+        topic: str,
+        data: Any = None,
+        *,
+        event: str | None = None,
+        retry: int | None = None,
+        raw_data: str | None = None,
+    ) -> Event:
+        """Append an event to ``topic`` and deliver it to every subscriber.
+
+        ``data`` is any JSON value, sent as its compact JSON text; ``raw_data`` is sent
+        as-is (several lines become several ``data:`` lines). Returns the stored event
+        (with its id) once it is in the log and handed to the live subscribers.
+        """
+        new = self.prepare(topic, data, event=event, retry=retry, raw_data=raw_data)
+        return await self.append(new)
+
+    async def append(self, new: NewEvent) -> Event:
+        """Publish an already validated event (see :meth:`prepare`)."""
+        if self._state not in ("running", "draining"):
+            raise HubClosedError(f"cannot publish: the hub is {self._state}")
+        assert self._loop is not None and self._wakeup is not None
+        future: asyncio.Future[Event] = self._loop.create_future()
+        self._pending.append((new, future))
+        self._wakeup.set()
+        return await future
+
+    async def _append_loop(self) -> None:
+        """Group commit: append whatever is pending in one batch, then fan out in id order."""
+        assert self._wakeup is not None
+        pending = self._pending
+        while True:
+            if not pending:
+                if self._closing:
+                    return
+                await self._wakeup.wait()
+                self._wakeup.clear()
+                continue
+            batch = pending[: self.config.max_batch]
+            del pending[: len(batch)]
+            try:
+                events = await self._log.append([new for new, _ in batch])
+            except Exception as exc:
+                error = exc if isinstance(exc, HubError) else BackendError(f"append failed: {exc}")
+                if error is not exc:
+                    error.__cause__ = exc
+                logger.error("append failed", extra={"error": str(error)})
+                for _, future in batch:
+                    if not future.done():
+                        future.set_exception(error)
+                continue
+            self._published += len(events)
+            self._broker.publish_local(events)
+            for (_, future), stored in zip(batch, events, strict=True):
+                if not future.done():
+                    future.set_result(stored)
+
+    # -- subscribe ------------------------------------------------------------------
+
+    def open_subscription(
+        self,
+        topics: Sequence[str],
+        last_event_id: str | None,
+        *,
+        peer: str = "",
+        stream: bool = False,
+    ) -> tuple[Subscription, ResumePlan]:
+        """Register a subscription now (live events start buffering) and say how to resume.
+
+        Synchronous on purpose: the cursors and the head id are captured together, so
+        replay ``(after, upto]`` from the log plus live events ``> upto`` have no gap and
+        no duplicate.
+        """
+        if self._state != "running":
+            raise HubClosedError(f"the hub is {self._state}; reconnect later")
+        topics = list(dict.fromkeys(topics))
+        if not topics:
+            raise InvalidRequestError("subscribe to at least one topic")
+        if len(topics) > self.config.max_topics:
+            raise InvalidRequestError(
+                f"{len(topics)} topics requested; the limit is {self.config.max_topics}"
+            )
+        for topic in topics:
+            validate_topic(topic)
+        after: int | None = None
+        reset: HistoryGoneError | None = None
+        head = self._broker.head
+        if last_event_id:
+            try:
+                after = parse_event_id(last_event_id)
+                if after > head:
+                    raise HistoryGoneError("future", f"event id {after} has not been issued yet")
+                if after < self._log.origin():
+                    raise HistoryGoneError("unknown", f"event id {after} is not from this log")
+            except HistoryGoneError as exc:
+                reset, after = exc, None
+        sub = Subscription(topics, head, peer)
+        covered = self._broker.subscribe(sub, topics, after)
+        if stream:
+            self._streams.add(sub)
+        assert self._idle is not None
+        self._idle.clear()
+        if after is None:
+            return sub, ResumePlan(upto=head, reset=reset, fresh=reset is None)
+        if covered:
+            sub.position = after
+            return sub, ResumePlan(upto=head)
+        return sub, ResumePlan(upto=head, replay_after=after)
+
+    def release(self, sub: Subscription) -> None:
+        """Forget ``sub`` (idempotent). Called by every consumer when it ends."""
+        self._broker.unsubscribe(sub)
+        self._streams.discard(sub)
+        if not self._broker.subscriptions and self._idle is not None:
+            self._idle.set()
+
+    async def read_replay(self, topics: Sequence[str], after: int, upto: int) -> list[Event]:
+        """Events of ``topics`` in ``(after, upto]`` from the log, all or nothing.
+
+        At most ``config.max_replay`` events: a client further behind gets
+        HistoryGoneError("too_far_behind") and should resync.
+        """
+        events: list[Event] = []
+        cap = self.config.max_replay
+        cursor = after
+        while cursor < upto:
+            limit = min(REPLAY_PAGE_SIZE, cap + 1 - len(events))
+            page = await self._log.read_after(topics, cursor, limit=limit)
+            for event in page:
+                if event.id > upto:
+                    return events
+                events.append(event)
+            if len(events) > cap:
+                raise HistoryGoneError(
+                    "too_far_behind",
+                    f"more than {cap} events were missed; resync and reconnect without an id",
+                )
+            if len(page) < limit:
+                break
+            cursor = page[-1].id
+        return events
+
+    async def subscribe(
+        self, topics: Sequence[str], *, last_event_id: str | None = None
+    ) -> AsyncIterator[ServerSentEvent]:
+        """Yield ``fastapi.sse.ServerSentEvent`` objects: replay after ``last_event_id``
+        (or an ``event: reset`` when that is impossible), then live events, until the
+        consumer stops or the hub drains (a final ``event: disconnect``).
+
+        For apps that write their own endpoint with ``EventSourceResponse``.
+        """
+        from fastapi.sse import ServerSentEvent
+
+        sub, plan = self.open_subscription(topics, last_event_id)
+        try:
+            if plan.reset is not None:
+                yield ServerSentEvent(
+                    event="reset", raw_data=reset_data(plan.reset, plan.upto), id=str(plan.upto)
+                )
+            elif plan.replay_after is not None:
+                try:
+                    replay = await self.read_replay(sub.topics, plan.replay_after, plan.upto)
+                except HistoryGoneError as exc:
+                    yield ServerSentEvent(
+                        event="reset", raw_data=reset_data(exc, plan.upto), id=str(plan.upto)
+                    )
+                else:
+                    for stored in replay:
+                        yield to_server_sent_event(stored)
+            while True:
+                if sub.close_reason is not None:
+                    yield ServerSentEvent(
+                        event="disconnect",
+                        raw_data=json.dumps({"reason": sub.close_reason.value}),
+                        retry=self.config.retry_ms,
+                    )
+                    return
+                try:
+                    events, _ = sub.take(REPLAY_PAGE_SIZE)
+                except Lagged:
+                    if self.config.slow_policy == "latest":
+                        sub.skip_to_latest()
+                        yield ServerSentEvent(event="reset", raw_data=lagged_data(sub.position))
+                    else:
+                        sub.close(DisconnectReason.SLOW)
+                    continue
+                for stored in events:
+                    yield to_server_sent_event(stored)
+                if not events:
+                    await sub.wait()
+        finally:
+            self.release(sub)
+
+    # -- heartbeats -----------------------------------------------------------------
+
+    async def _heartbeat_loop(self) -> None:
+        """One ticker for all streams: an idle stream gets a comment every interval."""
+        period = self.config.heartbeat_interval / 2
+        while True:
+            await asyncio.sleep(period)
+            for sub in self._streams:
+                if sub.wrote:
+                    sub.wrote = False
+                else:
+                    sub.heartbeat_due = True
+                    sub.wake()
+
+
+def reset_data(exc: HistoryGoneError, current: int) -> str:
+    """The JSON payload of an ``event: reset``."""
+    return json.dumps(
+        {"reason": exc.reason, "detail": exc.detail, "current_id": str(current)},
+        separators=(",", ":"),
+    )
+
+
+def lagged_data(position: int) -> str:
+    """The JSON payload of the ``event: reset`` sent when the ``latest`` policy skips."""
+    return json.dumps(
+        {
+            "reason": "lagged",
+            "detail": "fell too far behind; skipped to the newest event",
+            "current_id": str(position),
+        },
+        separators=(",", ":"),
+    )
+
+
+def to_server_sent_event(event: Event) -> ServerSentEvent:
+    from fastapi.sse import ServerSentEvent
+
+    return ServerSentEvent(
+        raw_data=event.data, event=event.event, id=event.event_id, retry=event.retry
+    )
