@@ -271,7 +271,7 @@ class Hub:
 
     async def append(self, new: NewEvent) -> Event:
         """Publish an already validated event (see :meth:`prepare`)."""
-        if self._state not in ("running", "draining"):
+        if self._closing or self._state not in ("running", "draining"):
             raise HubClosedError(f"cannot publish: the hub is {self._state}")
         assert self._loop is not None and self._wakeup is not None
         future: asyncio.Future[Event] = self._loop.create_future()
