@@ -142,7 +142,7 @@ async def open_stream(
     client: httpx.AsyncClient | None = None,
 ) -> AsyncIterator[SSEStream]:
     """Open ``GET /events?topic=...`` and yield an :class:`SSEStream` once headers arrive."""
-    query: list[tuple[str, str]] = [("topic", t) for t in topics]
+    query: list[tuple[str, str | int | float | bool | None]] = [("topic", t) for t in topics]
     query += [(k, str(v)) for k, v in (params or {}).items()]
     all_headers = {"accept": "text/event-stream", **(headers or {})}
     if last_event_id is not None:

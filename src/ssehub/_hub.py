@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import random
 import re
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
@@ -423,10 +424,11 @@ class Hub:
                         yield to_server_sent_event(stored)
             while True:
                 if sub.close_reason is not None:
+                    reason = sub.close_reason
                     yield ServerSentEvent(
                         event="disconnect",
-                        raw_data=json.dumps({"reason": sub.close_reason.value}),
-                        retry=self.config.retry_ms,
+                        raw_data=json.dumps({"reason": reason.value}, separators=(",", ":")),
+                        retry=self.retry_hint(reason),
                     )
                     return
                 try:
@@ -444,6 +446,13 @@ class Hub:
                     await sub.wait()
         finally:
             self.release(sub)
+
+    def retry_hint(self, reason: DisconnectReason) -> int:
+        """The ``retry:`` sent with a final disconnect: jittered on shutdown so that
+        clients come back spread over time (20-100 % of ``shutdown_retry_ms``)."""
+        if reason is DisconnectReason.SHUTDOWN:
+            return int(self.config.shutdown_retry_ms * random.uniform(0.2, 1.0))
+        return self.config.retry_ms
 
     # -- heartbeats -----------------------------------------------------------------
 

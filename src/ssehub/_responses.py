@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import random
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Final
 
@@ -50,11 +49,6 @@ def disconnect_chunk(reason: DisconnectReason, retry_ms: int) -> bytes:
         event="disconnect",
         retry=retry_ms,
     )
-
-
-def jittered(retry_ms: int) -> int:
-    """A retry hint spread over 20-100% of ``retry_ms`` so reconnects do not stampede."""
-    return int(retry_ms * random.uniform(0.2, 1.0))
 
 
 class HubStreamResponse(Response):
@@ -108,10 +102,7 @@ class HubStreamResponse(Response):
             await self._live(sub, write)
             reason = sub.close_reason
             if reason is not None and reason.notify_client:
-                retry = config.retry_ms
-                if reason is DisconnectReason.SHUTDOWN:
-                    retry = jittered(config.shutdown_retry_ms)
-                await write(disconnect_chunk(reason, retry))
+                await write(disconnect_chunk(reason, hub.retry_hint(reason)))
             if reason is not DisconnectReason.CLIENT_GONE:
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
         except _Stalled:
@@ -157,6 +148,6 @@ async def _watch_disconnect(receive: Receive, close: Callable[[DisconnectReason]
 def refusal_stream(retry_ms: int, reason: DisconnectReason) -> Response:
     """A complete, EventSource-friendly refusal: 200, a ``retry:`` back-off, one
     ``event: disconnect`` and the end (a native EventSource comes back later)."""
-    body = encode_comment("ssehub") + disconnect_chunk(reason, jittered(retry_ms))
+    body = encode_comment("ssehub") + disconnect_chunk(reason, retry_ms)
     headers = {k.decode(): v.decode() for k, v in STREAM_HEADERS}
     return Response(body, status_code=200, headers=headers)

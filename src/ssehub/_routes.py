@@ -134,7 +134,8 @@ def build_router(hub: Hub) -> APIRouter:
             )
         except HubClosedError as exc:
             if "text/event-stream" in request.headers.get("accept", ""):
-                return refusal_stream(hub.config.shutdown_retry_ms, DisconnectReason.SHUTDOWN)
+                reason = DisconnectReason.SHUTDOWN
+                return refusal_stream(hub.retry_hint(reason), reason)
             return error_response(exc)
         except HubError as exc:
             return error_response(exc)
