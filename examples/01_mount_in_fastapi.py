@@ -73,11 +73,9 @@ async def my_feed(
 
 
 if __name__ == "__main__":
-    import uvicorn
+    from ssehub import HubServer, server_config
 
-    from ssehub.cli import HubServer
-
-    # HubServer tells the hub to close its streams on Ctrl+C / SIGTERM; plain uvicorn
-    # would wait for the open streams, which never end by themselves.
-    config = uvicorn.Config(app, host="127.0.0.1", port=8000, timeout_graceful_shutdown=10)
-    HubServer(config, hub).run()
+    # HubServer tells the hub to close its streams on Ctrl+C / SIGTERM (plain uvicorn
+    # would wait for the open streams, which never end by themselves); server_config
+    # picks uvloop, httptools and a keep-alive timeout that suits long-lived streams.
+    HubServer(server_config(app, hub, host="127.0.0.1", port=8000), hub).run()

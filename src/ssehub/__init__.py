@@ -8,7 +8,9 @@ from ._config import HubConfig, SlowPolicy
 from ._exceptions import (
     BackendError,
     BackendUnavailableError,
+    CapacityError,
     ClientError,
+    ClientLimitError,
     ConfigError,
     HistoryGoneError,
     HubClosedError,
@@ -21,8 +23,9 @@ from ._exceptions import (
     StreamRefusedError,
     UnsupportedMediaTypeError,
 )
-from ._hub import Hub, HubStatistics
+from ._hub import Hub, HubStatistics, ResetNotice
 from ._models import Event, EventId, NewEvent, Topic
+from ._server import HubServer, server_config
 from .backends import EventLog, Retention, open_event_log
 
 __version__ = "0.1.0"
@@ -30,7 +33,9 @@ __version__ = "0.1.0"
 __all__ = [
     "BackendError",
     "BackendUnavailableError",
+    "CapacityError",
     "ClientError",
+    "ClientLimitError",
     "ConfigError",
     "DisconnectReason",
     "Event",
@@ -41,12 +46,14 @@ __all__ = [
     "HubClosedError",
     "HubConfig",
     "HubError",
+    "HubServer",
     "HubStatistics",
     "InvalidEventError",
     "InvalidRequestError",
     "InvalidTopicError",
     "NewEvent",
     "PayloadTooLargeError",
+    "ResetNotice",
     "Retention",
     "SlowPolicy",
     "StreamProtocolError",
@@ -56,4 +63,5 @@ __all__ = [
     "__version__",
     "create_app",
     "open_event_log",
+    "server_config",
 ]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 from ._channel import DEFAULT_RING_SIZE, Channel, Subscription
 from ._models import Event
@@ -21,11 +21,17 @@ class Broker:
     with a larger id reaches the channels after any subscription registered now.
     """
 
-    __slots__ = ("_channels", "head", "ring_size", "subscriptions")
+    __slots__ = ("_channels", "head", "policy_for", "ring_size", "subscriptions")
 
-    def __init__(self, head: int, ring_size: int = DEFAULT_RING_SIZE) -> None:
+    def __init__(
+        self,
+        head: int,
+        ring_size: int = DEFAULT_RING_SIZE,
+        policy_for: Callable[[str], str] = lambda topic: "disconnect",
+    ) -> None:
         self.head = head
         self.ring_size = ring_size
+        self.policy_for = policy_for
         self._channels: dict[str, Channel] = {}
         self.subscriptions: set[Subscription] = set()
 
@@ -62,7 +68,8 @@ class Broker:
         for topic in topics:
             channel = self._channels.get(topic)
             if channel is None:
-                channel = self._channels[topic] = Channel(topic, self.ring_size, self.head)
+                channel = Channel(topic, self.ring_size, self.head, self.policy_for(topic))
+                self._channels[topic] = channel
             channels.append(channel)
         covered = after is not None and all(c.floor <= after for c in channels)
         for channel in channels:

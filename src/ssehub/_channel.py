@@ -46,12 +46,24 @@ class Channel:
     a larger id that reached the hub is in the ring (or will be).
     """
 
-    __slots__ = ("_chunks", "_events", "capacity", "end", "floor", "start", "subscribers", "topic")
+    __slots__ = (
+        "_chunks",
+        "_events",
+        "capacity",
+        "end",
+        "floor",
+        "policy",
+        "start",
+        "subscribers",
+        "topic",
+    )
 
-    def __init__(self, topic: str, capacity: int, floor: int) -> None:
+    def __init__(self, topic: str, capacity: int, floor: int, policy: str = "disconnect") -> None:
         self.topic = topic
         self.capacity = capacity
         self.floor = floor
+        self.policy = policy
+        """The slow-client policy of this topic: ``disconnect`` or ``latest``."""
         self.start = 0
         self.end = 0
         self._events: list[Event | None] = []
@@ -117,6 +129,10 @@ class Cursor:
 class Lagged(Exception):
     """Internal signal: a cursor fell off its ring's tail."""
 
+    def __init__(self, cursor: Cursor) -> None:
+        super().__init__(cursor.channel.topic)
+        self.cursor = cursor
+
 
 class Subscription:
     """A set of cursors (one per topic) plus the little state a stream needs.
@@ -129,15 +145,20 @@ class Subscription:
     __slots__ = (
         "_cursors",
         "_waiter",
+        "bytes_sent",
         "close_reason",
+        "events_sent",
         "heartbeat_due",
+        "ip",
+        "opened_at",
         "peer",
         "position",
+        "timer",
         "topics",
         "wrote",
     )
 
-    def __init__(self, topics: Sequence[str], position: int, peer: str = "") -> None:
+    def __init__(self, topics: Sequence[str], position: int, peer: str = "", ip: str = "") -> None:
         self.topics = tuple(topics)
         self.position = position
         """The id this subscription has delivered through (its resume point)."""
@@ -147,6 +168,12 @@ class Subscription:
         self.heartbeat_due = False
         self.wrote = False
         self.peer = peer
+        self.ip = ip
+        self.opened_at = 0.0
+        self.events_sent = 0
+        self.bytes_sent = 0
+        self.timer: asyncio.TimerHandle | None = None
+        """The maximum-lifetime timer, if any."""
 
     def attach(self, channel: Channel, seq: int) -> None:
         self._cursors.append(Cursor(channel, seq))
@@ -189,7 +216,7 @@ class Subscription:
             cursor = self._cursors[0]
             channel, seq = cursor.channel, cursor.seq
             if seq < channel.start:
-                raise Lagged
+                raise Lagged(cursor)
             stop = min(channel.end, seq + limit)
             events = [channel.event_at(s) for s in range(seq, stop)]
             chunks = [channel.chunk_at(s) for s in range(seq, stop)]
@@ -201,7 +228,7 @@ class Subscription:
         for cursor in self._cursors:
             channel, seq = cursor.channel, cursor.seq
             if seq < channel.start:
-                raise Lagged
+                raise Lagged(cursor)
             for s in range(seq, channel.end):
                 event = channel.event_at(s)
                 merged.append((event.id, event, channel.chunk_at(s)))
@@ -216,7 +243,7 @@ class Subscription:
         self.position = taken_through
         return [m[1] for m in merged], [m[2] for m in merged]
 
-    def skip_to_latest(self) -> None:
-        """Move every cursor to the newest entry of its ring (the ``latest`` policy)."""
-        for cursor in self._cursors:
-            cursor.seq = max(cursor.channel.start, cursor.channel.end - 1)
+    @staticmethod
+    def skip_to_latest(cursor: Cursor) -> None:
+        """Move a lagging cursor to the newest entry of its ring (the ``latest`` policy)."""
+        cursor.seq = max(cursor.channel.start, cursor.channel.end - 1)

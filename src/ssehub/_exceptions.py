@@ -9,6 +9,8 @@
     │   ├── InvalidEventError       → 400 (CR/LF/NUL in an event name, bad retry)
     │   └── UnsupportedMediaTypeError → 415
     ├── PayloadTooLargeError        → 413
+    ├── CapacityError               → 503 + Retry-After (stream limit of the process reached)
+    │   └── ClientLimitError        → 429 + Retry-After (stream limit of one client address)
     ├── BackendError                a backend failed
     │   ├── BackendUnavailableError → 503 (transient: retry with backoff)
     │   └── HistoryGoneError        the resume point cannot be replayed (.reason)
@@ -71,6 +73,22 @@ class PayloadTooLargeError(HubError):
     """Raised when a publish body exceeds the configured limit."""
 
     code = "payload_too_large"
+
+
+class CapacityError(HubError):
+    """Raised when a new stream would exceed the process's stream limit."""
+
+    code = "over_capacity"
+
+    def __init__(self, detail: str, retry_after: float = 10.0) -> None:
+        super().__init__(detail)
+        self.retry_after = retry_after
+
+
+class ClientLimitError(CapacityError):
+    """Raised when a new stream would exceed the per-client-address stream limit."""
+
+    code = "over_ip_limit"
 
 
 class BackendError(HubError):

@@ -8,6 +8,7 @@ import json
 import logging
 import random
 import re
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final, Literal
@@ -17,6 +18,8 @@ from ._channel import DisconnectReason, Lagged, Subscription
 from ._config import DEFAULT_BACKEND, HubConfig
 from ._exceptions import (
     BackendError,
+    CapacityError,
+    ClientLimitError,
     ConfigError,
     HistoryGoneError,
     HubClosedError,
@@ -25,8 +28,9 @@ from ._exceptions import (
     InvalidRequestError,
     PayloadTooLargeError,
 )
+from ._metrics import HubMetrics
 from ._models import Event, NewEvent, validate_event_name, validate_retry, validate_topic
-from .backends import EventLog, Retention, SupportsHealth, open_event_log
+from .backends import EventLog, Retention, SupportsHealth, SupportsSize, open_event_log
 
 if TYPE_CHECKING:
     from fastapi import APIRouter, FastAPI
@@ -50,6 +54,8 @@ class HubStatistics:
     head_id: int
     published: int
     state: str
+    max_streams: int
+    log_events: int | None
 
 
 @dataclass(slots=True)
@@ -96,7 +102,7 @@ class Hub:
         self._log: EventLog = (
             open_event_log(backend, retention) if isinstance(backend, str) else backend
         )
-        self._broker = Broker(0, self.config.ring_size)
+        self._broker = Broker(0, self.config.ring_size, self.config.policy_for)
         self._state: HubState = "new"
         self._pending: list[tuple[NewEvent, asyncio.Future[Event]]] = []
         self._wakeup: asyncio.Event | None = None
@@ -106,7 +112,13 @@ class Hub:
         self._idle: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._published = 0
+        self._per_ip: dict[str, int] = {}
+        self._idempotent: OrderedDict[tuple[str, str], tuple[float, asyncio.Future[Event]]] = (
+            OrderedDict()
+        )
         self._router: APIRouter | None = None
+        self.metrics = HubMetrics(self.statistics)
+        """Prometheus metrics of this hub (``/metrics`` renders them)."""
 
     # -- lifecycle ------------------------------------------------------------------
 
@@ -134,8 +146,9 @@ class Hub:
         self._state = "running"
         logger.info("hub started", extra={"backend": self.backend_url, "head": self._broker.head})
 
-    async def aclose(self, grace: float = 10.0) -> None:
-        """Drain streams, flush pending publishes, close the log. Idempotent."""
+    async def aclose(self, grace: float | None = None) -> None:
+        """Drain streams (waiting up to ``grace``, default ``config.shutdown_grace``
+        seconds), flush pending publishes, close the log. Idempotent."""
         if self._state == "closed":
             return
         if self._state == "new":
@@ -185,13 +198,13 @@ class Hub:
         for sub in list(self._broker.subscriptions):
             sub.close(DisconnectReason.SHUTDOWN)
 
-    async def drain(self, grace: float = 10.0) -> None:
+    async def drain(self, grace: float | None = None) -> None:
         """Send every open stream ``event: disconnect`` (reason shutdown) and wait up to
         ``grace`` seconds for them to close. New subscriptions are refused from now on."""
         self._drain_now()
         assert self._idle is not None
         with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(grace):
+            async with asyncio.timeout(self.config.shutdown_grace if grace is None else grace):
                 await self._idle.wait()
 
     async def check_ready(self) -> None:
@@ -209,7 +222,25 @@ class Hub:
             head_id=self._broker.head,
             published=self._published,
             state=self._state,
+            max_streams=self.config.max_streams,
+            log_events=self._log.event_count() if isinstance(self._log, SupportsSize) else None,
         )
+
+    def capacity(self) -> dict[str, Any]:
+        """The answer of ``GET /health/stream-capacity``: live counts and a transport advice."""
+        config = self.config
+        streams = len(self._streams)
+        utilization = streams / config.max_streams
+        accepting = self._state == "running" and streams < config.max_streams
+        poll = not accepting or utilization >= config.poll_threshold
+        return {
+            "subscribers": streams,
+            "max_subscribers": config.max_streams,
+            "utilization": round(utilization, 4),
+            "accepting": accepting,
+            "recommended_transport": "poll" if poll else "sse",
+            "poll_interval_ms": config.poll_interval_ms,
+        }
 
     @property
     def router(self) -> APIRouter:
@@ -270,15 +301,45 @@ class Hub:
         new = self.prepare(topic, data, event=event, retry=retry, raw_data=raw_data)
         return await self.append(new)
 
-    async def append(self, new: NewEvent) -> Event:
-        """Publish an already validated event (see :meth:`prepare`)."""
+    async def append(self, new: NewEvent, *, idempotency_key: str | None = None) -> Event:
+        """Publish an already validated event (see :meth:`prepare`).
+
+        With an ``idempotency_key``, a second publish to the same topic with the same key
+        within ``config.idempotency_window`` seconds stores nothing and returns the event
+        the first one stored (waiting for it if it is still in flight).
+        """
         if self._closing or self._state not in ("running", "draining"):
             raise HubClosedError(f"cannot publish: the hub is {self._state}")
+        assert self._loop is not None
+        window = self.config.idempotency_window
+        if idempotency_key is None or window <= 0:
+            return await self._enqueue(new)
+        key = (new.topic, idempotency_key)
+        now = self._loop.time()
+        remembered = self._idempotent
+        while remembered:
+            oldest, (expires, _) = next(iter(remembered.items()))
+            if expires > now:
+                break
+            del remembered[oldest]
+        entry = remembered.get(key)
+        if entry is not None:
+            return await asyncio.shield(entry[1])
+        future = self._enqueue(new)
+        remembered[key] = (now + window, future)
+        try:
+            return await asyncio.shield(future)
+        except HubError:
+            if key in remembered and remembered[key][1] is future:
+                del remembered[key]  # a failed publish may be retried with the same key
+            raise
+
+    def _enqueue(self, new: NewEvent) -> asyncio.Future[Event]:
         assert self._loop is not None and self._wakeup is not None
         future: asyncio.Future[Event] = self._loop.create_future()
         self._pending.append((new, future))
         self._wakeup.set()
-        return await future
+        return future
 
     async def _append_loop(self) -> None:
         """Group commit: append whatever is pending in one batch, then fan out in id order."""
@@ -305,6 +366,7 @@ class Hub:
                         future.set_exception(error)
                 continue
             self._published += len(events)
+            self.metrics.published(len(events))
             self._broker.publish_local(events)
             for (_, future), stored in zip(batch, events, strict=True):
                 if not future.done():
@@ -318,16 +380,33 @@ class Hub:
         last_event_id: str | None,
         *,
         peer: str = "",
+        ip: str = "",
         stream: bool = False,
     ) -> tuple[Subscription, ResumePlan]:
         """Register a subscription now (live events start buffering) and say how to resume.
 
         Synchronous on purpose: the cursors and the head id are captured together, so
         replay ``(after, upto]`` from the log plus live events ``> upto`` have no gap and
-        no duplicate.
+        no duplicate. A ``stream`` counts against the stream limits (CapacityError,
+        ClientLimitError) and gets the maximum lifetime.
         """
         if self._state != "running":
             raise HubClosedError(f"the hub is {self._state}; reconnect later")
+        config = self.config
+        if stream:
+            retry_after = config.overload_retry_ms / 1000
+            if len(self._streams) >= config.max_streams:
+                self.metrics.refused("over_capacity")
+                raise CapacityError(
+                    f"this hub holds its maximum of {config.max_streams} streams; retry later",
+                    retry_after,
+                )
+            if config.max_streams_per_ip and self._per_ip.get(ip, 0) >= config.max_streams_per_ip:
+                self.metrics.refused("over_ip_limit")
+                raise ClientLimitError(
+                    f"address {ip} already holds {config.max_streams_per_ip} streams (the limit)",
+                    retry_after,
+                )
         topics = list(dict.fromkeys(topics))
         if not topics:
             raise InvalidRequestError("subscribe to at least one topic")
@@ -349,10 +428,18 @@ class Hub:
                     raise HistoryGoneError("unknown", f"event id {after} is not from this log")
             except HistoryGoneError as exc:
                 reset, after = exc, None
-        sub = Subscription(topics, head, peer)
+        sub = Subscription(topics, head, peer, ip)
         covered = self._broker.subscribe(sub, topics, after)
         if stream:
             self._streams.add(sub)
+            self._per_ip[ip] = self._per_ip.get(ip, 0) + 1
+            assert self._loop is not None
+            sub.opened_at = self._loop.time()
+            if config.max_lifetime > 0:
+                lifetime = config.max_lifetime * random.uniform(0.8, 1.0)
+                sub.timer = self._loop.call_later(lifetime, sub.close, DisconnectReason.LIFETIME)
+        if reset is not None:
+            self.metrics.reset(reset.reason)
         assert self._idle is not None
         self._idle.clear()
         if after is None:
@@ -365,7 +452,16 @@ class Hub:
     def release(self, sub: Subscription) -> None:
         """Forget ``sub`` (idempotent). Called by every consumer when it ends."""
         self._broker.unsubscribe(sub)
-        self._streams.discard(sub)
+        if sub in self._streams:
+            self._streams.discard(sub)
+            left = self._per_ip[sub.ip] - 1
+            if left:
+                self._per_ip[sub.ip] = left
+            else:
+                del self._per_ip[sub.ip]
+        if sub.timer is not None:
+            sub.timer.cancel()
+            sub.timer = None
         if not self._broker.subscriptions and self._idle is not None:
             self._idle.set()
 
@@ -373,8 +469,18 @@ class Hub:
         """Events of ``topics`` in ``(after, upto]`` from the log, all or nothing.
 
         At most ``config.max_replay`` events: a client further behind gets
-        HistoryGoneError("too_far_behind") and should resync.
+        HistoryGoneError("too_far_behind") and should resync. Reads go in pages of
+        ``REPLAY_PAGE_SIZE``, so the work per request is bounded by ``max_replay``.
         """
+        try:
+            events = await self._read_replay(topics, after, upto)
+        except HistoryGoneError as exc:
+            self.metrics.reset(exc.reason)
+            raise
+        self.metrics.replayed(len(events))
+        return events
+
+    async def _read_replay(self, topics: Sequence[str], after: int, upto: int) -> list[Event]:
         events: list[Event] = []
         cap = self.config.max_replay
         cursor = after
@@ -433,12 +539,10 @@ class Hub:
                     return
                 try:
                     events, _ = sub.take(REPLAY_PAGE_SIZE)
-                except Lagged:
-                    if self.config.slow_policy == "latest":
-                        sub.skip_to_latest()
-                        yield ServerSentEvent(event="reset", raw_data=lagged_data(sub.position))
-                    else:
-                        sub.close(DisconnectReason.SLOW)
+                except Lagged as lagged:
+                    data = self.handle_lag(sub, lagged)
+                    if data is not None:
+                        yield ServerSentEvent(event="reset", raw_data=data)
                     continue
                 for stored in events:
                     yield to_server_sent_event(stored)
@@ -447,12 +551,73 @@ class Hub:
         finally:
             self.release(sub)
 
+    def handle_lag(self, sub: Subscription, lagged: Lagged) -> str | None:
+        """Apply the lagging topic's slow-client policy to ``sub``.
+
+        ``latest``: move the cursor to the topic's newest event and return the JSON data
+        of the ``event: reset`` to send. ``disconnect``: close ``sub`` (reason slow) and
+        return None.
+        """
+        channel = lagged.cursor.channel
+        self.metrics.lagged(channel.policy)
+        if channel.policy == "latest":
+            Subscription.skip_to_latest(lagged.cursor)
+            return lagged_data(channel.topic, sub.position)
+        sub.close(DisconnectReason.SLOW)
+        return None
+
     def retry_hint(self, reason: DisconnectReason) -> int:
         """The ``retry:`` sent with a final disconnect: jittered on shutdown so that
         clients come back spread over time (20-100 % of ``shutdown_retry_ms``)."""
         if reason is DisconnectReason.SHUTDOWN:
             return int(self.config.shutdown_retry_ms * random.uniform(0.2, 1.0))
+        if reason is DisconnectReason.OVERLOADED:
+            return int(self.config.overload_retry_ms * random.uniform(0.5, 1.0))
         return self.config.retry_ms
+
+    async def poll(
+        self,
+        topics: Sequence[str],
+        *,
+        last_event_id: str | None = None,
+        timeout: float = 25.0,
+        peer: str = "",
+    ) -> tuple[list[Event | ResetNotice], int]:
+        """One long-poll: what is pending after ``last_event_id``, at once if anything is,
+        else whatever arrives within ``timeout`` seconds.
+
+        Returns ``(items, position)``: events (and possibly one :class:`ResetNotice`,
+        first) and the id to poll with next. The same ids, resume and reset rules as the
+        stream, so a client may alternate between polling and streaming. At most
+        ``config.poll_batch`` events per answer; a backlog comes over several polls.
+        """
+        limit = self.config.poll_batch
+        sub, plan = self.open_subscription(topics, last_event_id, peer=peer)
+        try:
+            if plan.reset is not None:
+                return [ResetNotice(plan.reset, plan.upto)], plan.upto
+            if plan.replay_after is not None:
+                try:
+                    page = await self._log.read_after(sub.topics, plan.replay_after, limit=limit)
+                except HistoryGoneError as exc:
+                    self.metrics.reset(exc.reason)
+                    return [ResetNotice(exc, plan.upto)], plan.upto
+                replay = [event for event in page if event.id <= plan.upto]
+                if replay:
+                    self.metrics.replayed(len(replay))
+                    return list(replay), replay[-1].id
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(min(timeout, self.config.max_poll_timeout)):
+                    while not sub.pending() and sub.close_reason is None:
+                        await sub.wait()
+            try:
+                events, _ = sub.take(limit)
+            except Lagged:
+                # Fell behind while waiting: the next poll resumes from the log.
+                return [], sub.position
+            return list(events), sub.position
+        finally:
+            self.release(sub)
 
     # -- heartbeats -----------------------------------------------------------------
 
@@ -469,6 +634,18 @@ class Hub:
                     sub.wake()
 
 
+@dataclass(frozen=True, slots=True)
+class ResetNotice:
+    """A long-poll item saying the resume point could not be honoured (``event: reset``)."""
+
+    error: HistoryGoneError
+    current: int
+
+    @property
+    def data(self) -> str:
+        return reset_data(self.error, self.current)
+
+
 def reset_data(exc: HistoryGoneError, current: int) -> str:
     """The JSON payload of an ``event: reset``."""
     return json.dumps(
@@ -477,12 +654,13 @@ def reset_data(exc: HistoryGoneError, current: int) -> str:
     )
 
 
-def lagged_data(position: int) -> str:
+def lagged_data(topic: str, position: int) -> str:
     """The JSON payload of the ``event: reset`` sent when the ``latest`` policy skips."""
     return json.dumps(
         {
             "reason": "lagged",
-            "detail": "fell too far behind; skipped to the newest event",
+            "detail": f"fell too far behind on {topic!r}; skipped to its newest event",
+            "topic": topic,
             "current_id": str(position),
         },
         separators=(",", ":"),

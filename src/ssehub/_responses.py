@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Final
 
@@ -20,7 +21,8 @@ from starlette.types import Receive, Scope, Send
 from ._broker import encode
 from ._channel import DisconnectReason, Lagged, Subscription
 from ._exceptions import HistoryGoneError
-from ._hub import REPLAY_PAGE_SIZE, lagged_data, reset_data
+from ._hub import REPLAY_PAGE_SIZE, reset_data
+from ._logging import access_logger
 from ._wire import encode_comment, encode_event
 
 if TYPE_CHECKING:
@@ -34,6 +36,9 @@ STREAM_HEADERS: Final = [
     (b"x-accel-buffering", b"no"),
 ]
 HEARTBEAT: Final = b":\n\n"
+TRANSPORT_EXTENSION: Final = "ssehub.transport"
+"""Scope extension through which a server hands the connection's transport to the hub
+(``{"transport": asyncio.Transport}``), so a stalled stream can be aborted."""
 MAX_BATCH_EVENTS: Final = 1000
 """Most events written in one send when a subscriber has a backlog."""
 
@@ -54,7 +59,7 @@ def disconnect_chunk(reason: DisconnectReason, retry_ms: int) -> bytes:
 class HubStreamResponse(Response):
     """Streams one subscription of ``hub`` as ``text/event-stream``."""
 
-    def __init__(self, hub: Hub, sub: Subscription, plan: ResumePlan) -> None:
+    def __init__(self, hub: Hub, sub: Subscription, plan: ResumePlan, resume: str | None) -> None:
         # Response.__init__ is not called on purpose: this response writes its own
         # headers and body; only what Starlette's middleware may read is set.
         self.status_code = 200
@@ -63,12 +68,18 @@ class HubStreamResponse(Response):
         self._hub = hub
         self._sub = sub
         self._plan = plan
+        self._resume = resume
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         hub, sub, plan = self._hub, self._sub, self._plan
         config = hub.config
+        metrics = hub.metrics
         watch = asyncio.ensure_future(_watch_disconnect(receive, sub.close))
         timeout = config.write_timeout or None
+        metrics.stream_opened()
+        access_logger().info(
+            "stream.open", topics=list(sub.topics), client=sub.peer, resume_from=self._resume
+        )
 
         async def write(chunk: bytes) -> None:
             try:
@@ -78,6 +89,7 @@ class HubStreamResponse(Response):
                 sub.close(DisconnectReason.STALLED)
                 raise _Stalled from None
             sub.wrote = True
+            sub.bytes_sent += len(chunk)
 
         try:
             await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
@@ -99,6 +111,7 @@ class HubStreamResponse(Response):
                     for start in range(0, len(replay), REPLAY_PAGE_SIZE):
                         page = replay[start : start + REPLAY_PAGE_SIZE]
                         await write(b"".join(encode(e) for e in page))
+                        sub.events_sent += len(page)
             await self._live(sub, write)
             reason = sub.close_reason
             if reason is not None and reason.notify_client:
@@ -106,25 +119,46 @@ class HubStreamResponse(Response):
             if reason is not DisconnectReason.CLIENT_GONE:
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
         except _Stalled:
-            logger.info("stream stalled; closing", extra={"peer": sub.peer})
+            # The client stopped reading. Abort the connection when the server lets us
+            # (ssehub serve does): a plain close would wait for the buffer to drain.
+            transport = scope.get("extensions", {}).get(TRANSPORT_EXTENSION, {}).get("transport")
+            if transport is not None:
+                transport.abort()
         finally:
             watch.cancel()
             hub.release(sub)
+            reason = sub.close_reason or DisconnectReason.CLIENT_GONE
+            metrics.stream_closed(reason.value)
+            loop = asyncio.get_running_loop()
+            access_logger().info(
+                "stream.close",
+                topics=list(sub.topics),
+                client=sub.peer,
+                resume_from=self._resume,
+                reason=reason.value,
+                duration_s=round(loop.time() - sub.opened_at, 3),
+                events=sub.events_sent,
+                bytes=sub.bytes_sent,
+                last_id=str(sub.position),
+            )
 
     async def _live(self, sub: Subscription, write: Callable[[bytes], Awaitable[None]]) -> None:
-        policy = self._hub.config.slow_policy
+        hub = self._hub
+        metrics = hub.metrics
         while sub.close_reason is None:
             try:
-                _, chunks = sub.take(MAX_BATCH_EVENTS)
-            except Lagged:
-                if policy == "latest":
-                    sub.skip_to_latest()
-                    await write(encode_event(lagged_data(sub.position), event="reset"))
-                    continue
-                sub.close(DisconnectReason.SLOW)
-                return
+                events, chunks = sub.take(MAX_BATCH_EVENTS)
+            except Lagged as lagged:
+                reset = hub.handle_lag(sub, lagged)
+                if reset is not None:
+                    await write(encode_event(reset, event="reset"))
+                continue
             if chunks:
-                await write(b"".join(chunks))
+                data = b"".join(chunks) if len(chunks) > 1 else chunks[0]
+                await write(data)
+                sub.events_sent += len(events)
+                metrics.delivered(len(events), len(data))
+                metrics.latency(time.time() - events[-1].time)
                 continue
             if sub.heartbeat_due:
                 sub.heartbeat_due = False
@@ -145,9 +179,11 @@ async def _watch_disconnect(receive: Receive, close: Callable[[DisconnectReason]
             return
 
 
-def refusal_stream(retry_ms: int, reason: DisconnectReason) -> Response:
-    """A complete, EventSource-friendly refusal: 200, a ``retry:`` back-off, one
-    ``event: disconnect`` and the end (a native EventSource comes back later)."""
-    body = encode_comment("ssehub") + disconnect_chunk(reason, retry_ms)
+def refusal_stream(retry_ms: int, event: str, data: dict[str, str]) -> Response:
+    """A complete, EventSource-friendly refusal: 200, a ``retry:`` back-off, one event
+    and the end (a native EventSource reconnects after ``retry_ms``)."""
+    body = encode_comment("ssehub") + encode_event(
+        json.dumps(data, separators=(",", ":")), event=event, retry=retry_ms
+    )
     headers = {k.decode(): v.decode() for k, v in STREAM_HEADERS}
     return Response(body, status_code=200, headers=headers)

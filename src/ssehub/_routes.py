@@ -9,8 +9,11 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
 from ._channel import DisconnectReason
+from ._config import DEFAULT_POLL_TIMEOUT
 from ._exceptions import (
     BackendUnavailableError,
+    CapacityError,
+    ClientLimitError,
     HubClosedError,
     HubError,
     InvalidEventError,
@@ -18,6 +21,9 @@ from ._exceptions import (
     PayloadTooLargeError,
     UnsupportedMediaTypeError,
 )
+from ._hub import ResetNotice
+from ._logging import access_logger
+from ._models import Event
 from ._responses import HubStreamResponse, refusal_stream
 
 if TYPE_CHECKING:
@@ -25,6 +31,8 @@ if TYPE_CHECKING:
 
 ERROR_STATUS: Final[list[tuple[type[HubError], int]]] = [
     (UnsupportedMediaTypeError, 415),
+    (ClientLimitError, 429),
+    (CapacityError, 503),
     (InvalidRequestError, 400),
     (PayloadTooLargeError, 413),
     (BackendUnavailableError, 503),
@@ -38,7 +46,11 @@ _PUBLISH_FIELDS: Final = {"data", "event", "retry"}
 
 def error_response(exc: HubError) -> JSONResponse:
     status = next((code for cls, code in ERROR_STATUS if isinstance(exc, cls)), 500)
-    headers = {"Retry-After": "5"} if status == 503 else None
+    headers = None
+    if isinstance(exc, CapacityError):
+        headers = {"Retry-After": str(max(1, round(exc.retry_after)))}
+    elif status == 503:
+        headers = {"Retry-After": "5"}
     return JSONResponse(
         {"error": exc.code, "detail": exc.detail}, status_code=status, headers=headers
     )
@@ -118,7 +130,39 @@ def parse_publish(body: bytes, content_type: str, query: dict[str, str]) -> dict
     )
 
 
+def client_ip(request: Request) -> str:
+    client = request.client
+    return client.host if client else ""
+
+
+def refuse_stream(hub: Hub, request: Request, exc: HubError) -> Response:
+    """Answer a stream request the hub cannot take, by the reconnect contract: a client
+    that accepts ``text/event-stream`` gets 200, a ``retry:`` back-off, one event and the
+    end (a native EventSource gives up for good on any non-200 answer); others get the
+    JSON error (503 or 429 with Retry-After)."""
+    if "text/event-stream" not in request.headers.get("accept", ""):
+        return error_response(exc)
+    if isinstance(exc, HubClosedError):
+        reason = DisconnectReason.SHUTDOWN
+        return refusal_stream(hub.retry_hint(reason), "disconnect", {"reason": reason.value})
+    retry = hub.retry_hint(DisconnectReason.OVERLOADED)
+    return refusal_stream(retry, "overloaded", {"reason": exc.code, "detail": exc.detail})
+
+
+def poll_item(item: Event | ResetNotice) -> dict[str, Any]:
+    if isinstance(item, ResetNotice):
+        return {"id": str(item.current), "topic": None, "event": "reset", "data": item.data}
+    return {
+        "id": item.event_id,
+        "topic": item.topic,
+        "event": item.event or "message",
+        "data": item.data,
+    }
+
+
 def build_router(hub: Hub) -> APIRouter:
+    """The HTTP API of ``hub``. Every handler answers errors itself (JSON bodies from
+    :data:`ERROR_STATUS`), so the router works in any app without exception handlers."""
     router = APIRouter()
 
     @router.get("/events", summary="Subscribe to one or more topics (text/event-stream)")
@@ -128,18 +172,51 @@ def build_router(hub: Hub) -> APIRouter:
             return error_response(
                 InvalidRequestError("missing query parameter 'topic' (e.g. /events?topic=demo)")
             )
+        resume = last_event_id_of(request)
         try:
             sub, plan = hub.open_subscription(
-                topics, last_event_id_of(request), peer=peer_of(request), stream=True
+                topics, resume, peer=peer_of(request), ip=client_ip(request), stream=True
             )
-        except HubClosedError as exc:
-            if "text/event-stream" in request.headers.get("accept", ""):
-                reason = DisconnectReason.SHUTDOWN
-                return refusal_stream(hub.retry_hint(reason), reason)
-            return error_response(exc)
+        except (HubClosedError, CapacityError) as exc:
+            access_logger().info(
+                "stream.refused", topics=topics, client=peer_of(request), reason=exc.code
+            )
+            return refuse_stream(hub, request, exc)
         except HubError as exc:
             return error_response(exc)
-        return HubStreamResponse(hub, sub, plan)
+        return HubStreamResponse(hub, sub, plan, resume)
+
+    @router.get("/poll", summary="Long-poll fallback: events after last_event_id, as JSON")
+    async def poll(request: Request) -> Response:
+        topics = request.query_params.getlist("topic")
+        if not topics:
+            return error_response(
+                InvalidRequestError("missing query parameter 'topic' (e.g. /poll?topic=demo)")
+            )
+        raw_timeout = request.query_params.get("timeout", str(DEFAULT_POLL_TIMEOUT))
+        try:
+            timeout = float(raw_timeout)
+            if not 0 <= timeout < float("inf"):
+                raise ValueError
+        except ValueError:
+            return error_response(
+                InvalidRequestError(
+                    f"timeout must be a number of seconds >= 0, not {raw_timeout!r}"
+                )
+            )
+        try:
+            items, position = await hub.poll(
+                topics,
+                last_event_id=last_event_id_of(request),
+                timeout=timeout,
+                peer=peer_of(request),
+            )
+        except HubError as exc:
+            return error_response(exc)
+        return JSONResponse(
+            {"events": [poll_item(item) for item in items], "last_event_id": str(position)},
+            headers={"cache-control": "no-store"},
+        )
 
     @router.post(
         "/topics/{topic:path}/events",
@@ -147,26 +224,38 @@ def build_router(hub: Hub) -> APIRouter:
         summary="Publish an event (JSON {data, event?, retry?} or a text/plain body)",
     )
     async def publish(topic: str, request: Request) -> Response:
+        key = request.headers.get("idempotency-key")
         try:
+            if key is not None and not 1 <= len(key) <= 255:
+                raise InvalidRequestError("Idempotency-Key must be 1-255 characters")
             body = await read_body(request, hub.config.max_body_size)
             fields = parse_publish(
                 body, request.headers.get("content-type", ""), dict(request.query_params)
             )
-            stored = await hub.append(hub.prepare(topic, **fields))
+            stored = await hub.append(hub.prepare(topic, **fields), idempotency_key=key)
         except HubError as exc:
             return error_response(exc)
         return JSONResponse({"id": stored.event_id, "topic": stored.topic}, status_code=201)
+
+    @router.get("/health/stream-capacity", summary="Open streams, limits and transport advice")
+    async def stream_capacity() -> dict[str, Any]:
+        return hub.capacity()
 
     @router.get("/healthz", summary="Liveness")
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
-    @router.get("/readyz", summary="Readiness: running and the backend answers")
+    @router.get("/readyz", summary="Readiness: running, not draining, and the backend answers")
     async def readyz() -> Response:
         try:
             await hub.check_ready()
         except HubError as exc:
             return error_response(exc)
         return JSONResponse({"status": "ready", "head_id": str(hub.statistics().head_id)})
+
+    @router.get("/metrics", summary="Prometheus metrics")
+    async def metrics() -> Response:
+        body, content_type = hub.metrics.render()
+        return Response(body, media_type=content_type)
 
     return router

@@ -3,21 +3,28 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
-import logging
-import math
-import signal
 import sys
-import threading
-from collections.abc import Iterator
-from types import FrameType
+from collections.abc import Callable
+from typing import Any
 
 import click
 import httpx
-import uvicorn
 
+from ._channel import DEFAULT_RING_SIZE
+from ._config import (
+    DEFAULT_HEARTBEAT_INTERVAL,
+    DEFAULT_IDEMPOTENCY_WINDOW,
+    DEFAULT_MAX_BODY_SIZE,
+    DEFAULT_MAX_REPLAY,
+    DEFAULT_MAX_STREAMS,
+    DEFAULT_MAX_TOPICS,
+    DEFAULT_POLL_THRESHOLD,
+    DEFAULT_SHUTDOWN_GRACE,
+    DEFAULT_WRITE_TIMEOUT,
+)
 from ._hub import Hub
+from ._logging import LogFormat
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 
@@ -29,112 +36,165 @@ def main() -> None:
     subscribers get every event, and resume with Last-Event-ID after a reconnect."""
 
 
-class HubServer(uvicorn.Server):
-    """uvicorn's server, which tells the hub to drain its streams on SIGTERM or Ctrl+C
-    (uvicorn itself waits for open streams, which never end by themselves)."""
+def _topic_policy(
+    ctx: click.Context, param: click.Parameter, values: tuple[str, ...]
+) -> dict[str, str]:
+    policies: dict[str, str] = {}
+    for value in values:
+        pattern, sep, policy = value.rpartition("=")
+        if not sep or not pattern or policy not in ("disconnect", "latest"):
+            raise click.BadParameter(f"{value!r} is not PATTERN=disconnect|latest")
+        policies[pattern] = policy
+    return policies
 
-    def __init__(self, config: uvicorn.Config, hub: Hub) -> None:
-        super().__init__(config)
-        self.hub = hub
 
-    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        self.hub.begin_drain()
-        super().handle_exit(sig, frame)
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        """Handle SIGINT/SIGTERM as a graceful drain and exit with status 0 afterwards
-        (uvicorn's own version re-raises the signal once it has shut down)."""
-        if threading.current_thread() is not threading.main_thread():
-            yield
-            return
-        signals = (signal.SIGINT, signal.SIGTERM)
-        previous = {sig: signal.signal(sig, self.handle_exit) for sig in signals}
-        try:
-            yield
-        finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
+def _option(*decls: str, **kwargs: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """An option that also reads SSEHUB_<NAME> from the environment and shows its default."""
+    env = "SSEHUB_" + decls[0].lstrip("-").replace("-", "_").upper()
+    kwargs.setdefault("show_default", True)
+    return click.option(*decls, envvar=env, show_envvar=True, **kwargs)
 
 
 @main.command()
-@click.option(
-    "--host",
-    default="127.0.0.1",
-    show_default=True,
-    envvar="SSEHUB_HOST",
-    help="Interface to listen on (0.0.0.0 for all).",
-)
-@click.option(
-    "--port",
-    default=8000,
-    show_default=True,
-    type=int,
-    envvar="SSEHUB_PORT",
-    help="TCP port to listen on (0 picks a free one).",
-)
-@click.option(
+@_option("--host", default="127.0.0.1", help="Interface to listen on (0.0.0.0 for all).")
+@_option("--port", default=8000, type=int, help="TCP port to listen on (0 picks a free one).")
+@_option(
     "--backend",
     default="sqlite:///ssehub.db",
-    show_default=True,
-    envvar="SSEHUB_BACKEND",
-    help="Event log URL: sqlite:///path.db (durable, the default) or memory://.",
+    help="Event log URL: sqlite:///path.db (durable, the default) or memory://. "
+    "Retention: ?max_events=N&max_age=SECONDS.",
 )
-@click.option(
+@_option(
     "--log-level",
     default="info",
-    show_default=True,
-    envvar="SSEHUB_LOG_LEVEL",
     type=click.Choice(["critical", "error", "warning", "info", "debug"]),
     help="Logging verbosity.",
 )
-@click.option(
+@_option(
+    "--log-format",
+    default="auto",
+    type=click.Choice(["auto", "json", "console"]),
+    help="JSON lines, or readable text (auto: text on a terminal, JSON otherwise).",
+)
+@_option(
     "--heartbeat",
-    default=15.0,
-    show_default=True,
+    default=DEFAULT_HEARTBEAT_INTERVAL,
     type=float,
-    envvar="SSEHUB_HEARTBEAT",
     help="Seconds between heartbeat comments on idle streams (0 = off).",
 )
-@click.option(
-    "--shutdown-grace",
-    default=10.0,
-    show_default=True,
+@_option(
+    "--write-timeout",
+    default=DEFAULT_WRITE_TIMEOUT,
     type=float,
-    envvar="SSEHUB_SHUTDOWN_GRACE",
+    help="Seconds one write may block before the stream is closed (0 = no limit).",
+)
+@_option(
+    "--shutdown-grace",
+    default=DEFAULT_SHUTDOWN_GRACE,
+    type=float,
     help="Seconds to wait for streams to close on shutdown.",
 )
+@_option(
+    "--max-streams",
+    default=DEFAULT_MAX_STREAMS,
+    type=int,
+    help="Open streams per process; more are told to come back later.",
+)
+@_option(
+    "--max-streams-per-ip",
+    default=0,
+    type=int,
+    help="Open streams per client address (0 = no limit; behind a proxy all share one).",
+)
+@_option("--max-topics", default=DEFAULT_MAX_TOPICS, type=int, help="Topics per subscription.")
+@_option(
+    "--max-body-size",
+    default=DEFAULT_MAX_BODY_SIZE,
+    type=int,
+    help="Largest publish body in bytes.",
+)
+@_option(
+    "--max-lifetime",
+    default=0.0,
+    type=float,
+    help="Seconds a stream may stay open, jittered 80-100 %, then reconnect (0 = off).",
+)
+@_option(
+    "--slow-policy",
+    default="disconnect",
+    type=click.Choice(["disconnect", "latest"]),
+    help="What a subscriber that falls behind gets: disconnect (resume from the log) "
+    "or latest (skip to the newest event after a reset).",
+)
+@_option(
+    "--topic-policy",
+    "topic_policies",
+    multiple=True,
+    callback=_topic_policy,
+    show_default=False,
+    metavar="PATTERN=POLICY",
+    help="Slow policy for topics matching a glob pattern (repeatable), e.g. 'prices.*=latest'.",
+)
+@_option(
+    "--ring-size",
+    default=DEFAULT_RING_SIZE,
+    type=int,
+    help="Recent events kept in memory per subscribed topic.",
+)
+@_option(
+    "--max-replay",
+    default=DEFAULT_MAX_REPLAY,
+    type=int,
+    help="Most events replayed for one resume (beyond: a reset).",
+)
+@_option(
+    "--poll-threshold",
+    default=DEFAULT_POLL_THRESHOLD,
+    type=float,
+    help="Stream utilisation (0-1) from which the capacity endpoint recommends polling.",
+)
+@_option(
+    "--idempotency-window",
+    default=DEFAULT_IDEMPOTENCY_WINDOW,
+    type=float,
+    help="Seconds an Idempotency-Key on publish is remembered.",
+)
+@_option(
+    "--cors-origin",
+    "cors_origins",
+    multiple=True,
+    show_default=False,
+    help="Origin allowed to use the hub from a browser (repeatable); credentials are "
+    "allowed for listed origins only.",
+)
 def serve(
-    host: str, port: int, backend: str, log_level: str, heartbeat: float, shutdown_grace: float
+    host: str,
+    port: int,
+    backend: str,
+    log_level: str,
+    log_format: LogFormat,
+    heartbeat: float,
+    cors_origins: tuple[str, ...],
+    **settings: Any,
 ) -> None:
-    """Run the hub: an HTTP server with the event stream, publish and health endpoints.
+    """Run the hub: the event stream, publish, long-poll, health and metrics endpoints.
 
     Subscribe with `curl -N 'http://127.0.0.1:8000/events?topic=demo'`; publish with
-    `curl -d 'hello' http://127.0.0.1:8000/topics/demo/events`.
+    `curl -d 'hello' http://127.0.0.1:8000/topics/demo/events`. Every option can also be
+    set through the environment variable shown with it.
     """
     from ._app import create_app
     from ._exceptions import HubError
+    from ._logging import configure_logging
+    from ._server import HubServer, server_config
 
-    logging.basicConfig(
-        level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    configure_logging(log_level, log_format)
     try:
-        hub = Hub(backend, heartbeat_interval=heartbeat)
+        hub = Hub(backend, heartbeat_interval=heartbeat, **settings)
     except HubError as exc:
         raise click.UsageError(str(exc)) from exc
-    app = create_app(hub)
-    config = uvicorn.Config(
-        app,
-        host=host,
-        port=port,
-        loop="uvloop",
-        http="httptools",
-        lifespan="on",
-        log_level=log_level,
-        timeout_keep_alive=65,
-        # a backstop: the hub drains its own streams within the grace period first
-        timeout_graceful_shutdown=max(1, math.ceil(shutdown_grace)),
-    )
+    app = create_app(hub, cors_origins=list(cors_origins))
+    config = server_config(app, hub, host=host, port=port, log_level=log_level, log_config=None)
     server = HubServer(config, hub)
     server.run()
     if not server.started:

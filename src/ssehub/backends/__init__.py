@@ -20,6 +20,7 @@ __all__ = [
     "EventLog",
     "Retention",
     "SupportsHealth",
+    "SupportsSize",
     "open_event_log",
 ]
 
@@ -100,6 +101,14 @@ class SupportsHealth(Protocol):
 
     async def check_ready(self) -> None:
         """Return if the backend answers; raise BackendUnavailableError otherwise."""
+
+
+@runtime_checkable
+class SupportsSize(Protocol):
+    """Optional: a backend that knows how many events it retains (for metrics)."""
+
+    def event_count(self) -> int:
+        """Events currently retained, over all topics (may be approximate). Never blocks."""
 
 
 def open_event_log(url: str, retention: Retention | None = None) -> EventLog:

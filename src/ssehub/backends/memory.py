@@ -151,6 +151,10 @@ class MemoryEventLog:
             return slices[0]
         return list(islice(heapq.merge(*slices, key=_event_id), limit))
 
+    def event_count(self) -> int:
+        """Events retained over all topics (SupportsSize)."""
+        return sum(len(log.events) - log.first for log in self._topics.values())
+
     def head(self) -> int:
         """The last id issued (the origin before the first append)."""
         return self._head

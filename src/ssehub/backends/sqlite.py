@@ -135,6 +135,7 @@ class SQLiteEventLog:
         self._last_id = 0
         self._counts: dict[Topic, int] = {}
         self._counts_stale = False
+        self._event_count = 0
         self._last_trim = 0.0
         # Reader-thread state.
         self._local = threading.local()
@@ -190,6 +191,10 @@ class SQLiteEventLog:
         return await self._run(
             self._readers, "reading events", partial(self._read_sync, wanted, after, head, limit)
         )
+
+    def event_count(self) -> int:
+        """Events retained over all topics, as of the last append or trim (SupportsSize)."""
+        return self._event_count
 
     def head(self) -> int:
         """The last id issued (the origin before the first append)."""
@@ -308,6 +313,7 @@ class SQLiteEventLog:
         self._origin_w = origin
         self._last_id = last_id
         self._counts = counts
+        self._event_count = sum(counts.values())
         self._last_trim = time.monotonic()
         return origin, last_id
 
@@ -336,6 +342,7 @@ class SQLiteEventLog:
             self._rollback()
             raise
         self._last_id = last
+        self._event_count = sum(self._counts.values())
         return stored
 
     def _auto_trim(self, added: Iterable[Topic], now: float) -> None:
@@ -362,6 +369,7 @@ class SQLiteEventLog:
             self._rollback()
             raise
         self._last_trim = time.monotonic()
+        self._event_count = sum(self._counts.values())
         return removed
 
     def _trim_all(self, now: float) -> int:
