@@ -391,7 +391,18 @@ class Hub:
         ClientLimitError) and gets the maximum lifetime.
         """
         if self._state != "running":
+            if stream:
+                self.metrics.refused("draining")
             raise HubClosedError(f"the hub is {self._state}; reconnect later")
+        topics = list(dict.fromkeys(topics))
+        if not topics:
+            raise InvalidRequestError("subscribe to at least one topic")
+        if len(topics) > self.config.max_topics:
+            raise InvalidRequestError(
+                f"{len(topics)} topics requested; the limit is {self.config.max_topics}"
+            )
+        for topic in topics:
+            validate_topic(topic)
         config = self.config
         if stream:
             retry_after = config.overload_retry_ms / 1000
@@ -407,15 +418,6 @@ class Hub:
                     f"address {ip} already holds {config.max_streams_per_ip} streams (the limit)",
                     retry_after,
                 )
-        topics = list(dict.fromkeys(topics))
-        if not topics:
-            raise InvalidRequestError("subscribe to at least one topic")
-        if len(topics) > self.config.max_topics:
-            raise InvalidRequestError(
-                f"{len(topics)} topics requested; the limit is {self.config.max_topics}"
-            )
-        for topic in topics:
-            validate_topic(topic)
         after: int | None = None
         reset: HistoryGoneError | None = None
         head = self._broker.head

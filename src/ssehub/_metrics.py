@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Final, final
 
 from prometheus_client import (
-    CONTENT_TYPE_LATEST,
+    CONTENT_TYPE_PLAIN_0_0_4,
     CollectorRegistry,
     Counter,
     Histogram,
@@ -244,4 +244,5 @@ class HubMetrics:
 
     def render(self) -> tuple[bytes, str]:
         """The registry in Prometheus text format, and its ``Content-Type``."""
-        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+        # 0.0.4 is the text format every Prometheus version scrapes
+        return generate_latest(self.registry), CONTENT_TYPE_PLAIN_0_0_4

@@ -68,7 +68,7 @@ class HubStreamResponse(Response):
         self._hub = hub
         self._sub = sub
         self._plan = plan
-        self._resume = resume
+        self._resume = resume[:64] if resume else resume  # as logged; ids are 19 digits
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         hub, sub, plan = self._hub, self._sub, self._plan
