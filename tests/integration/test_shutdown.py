@@ -1,0 +1,291 @@
+"""Graceful shutdown of ``ssehub serve`` as a real process: SIGTERM and Ctrl+C drain every
+open stream (``event: disconnect`` with a jittered ``retry:``, then EOF), the process
+exits 0 within the grace period, nothing acknowledged is lost, and the JSON access log
+has the stream lines without leaking query-string secrets."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import re
+import signal
+import sys
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+import httpx
+
+from ssehub._wire import ServerEvent, SSEDecoder
+
+from ..helpers import open_stream, publish, wait_until
+
+GRACE = 5.0
+ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
+_LISTENING = re.compile(r"Uvicorn running on http://127\.0\.0\.1:(\d+)")
+
+
+def _open_log(path: Path) -> IO[bytes]:
+    return path.open("wb")
+
+
+def _read_log(path: Path) -> str:
+    return path.read_text(encoding="utf-8", errors="replace")
+
+
+@dataclass
+class ServerProcess:
+    proc: asyncio.subprocess.Process
+    log: Path
+    port: int = 0
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def output(self) -> str:
+        return _read_log(self.log)
+
+    def records(self) -> list[dict[str, Any]]:
+        """The complete JSON lines written so far."""
+        text = self.output()
+        complete = text[: text.rfind("\n") + 1]
+        return [json.loads(line) for line in complete.splitlines() if line.strip()]
+
+    async def stop(self, sig: signal.Signals, timeout: float) -> float:
+        """Send ``sig``; return the seconds until the process exited."""
+        started = time.monotonic()
+        self.proc.send_signal(sig)
+        await asyncio.wait_for(self.proc.wait(), timeout)
+        return time.monotonic() - started
+
+
+@contextlib.asynccontextmanager
+async def hub_process(tmp_path: Path, db: Path, name: str) -> AsyncIterator[ServerProcess]:
+    """``ssehub serve`` on a free port (picked by the server itself), JSON logs to a file;
+    yielded once ``/healthz`` answers; killed on exit if it is still running."""
+    log = tmp_path / f"{name}.log"
+    out = _open_log(log)
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            *(sys.executable, "-m", "ssehub", "serve", "--port", "0"),
+            *("--backend", f"sqlite:///{db}", "--log-format", "json"),
+            *("--shutdown-grace", str(GRACE)),
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=out,
+            stderr=asyncio.subprocess.STDOUT,
+            env=ENV,
+        )
+    finally:
+        out.close()
+    server = ServerProcess(proc, log)
+    try:
+
+        def listening() -> bool:
+            assert proc.returncode is None, f"serve exited early:\n{server.output()}"
+            match = _LISTENING.search(server.output())
+            if match:
+                server.port = int(match.group(1))
+            return match is not None
+
+        await wait_until(listening, 20, "server listening")
+        async with httpx.AsyncClient(timeout=2) as http:
+            response = await http.get(f"{server.url}/healthz")
+            assert response.status_code == 200
+        yield server
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+        await asyncio.wait_for(proc.wait(), 10)
+
+
+@dataclass
+class RawStream:
+    """A minimal SSE client on raw asyncio streams (HTTP/1.1, chunked body)."""
+
+    reader: asyncio.StreamReader
+    writer: asyncio.StreamWriter
+    decoder: SSEDecoder = field(default_factory=SSEDecoder)
+    events: list[ServerEvent] = field(default_factory=list)
+    complete: bool = False
+    """The body's terminating chunk arrived."""
+    eof: bool = False
+    """The server closed the connection after the body."""
+
+    @classmethod
+    async def connect(cls, port: int, topic: str) -> RawStream:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        stream = cls(reader, writer)
+        try:
+            writer.write(
+                f"GET /events?topic={topic} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+                "Accept: text/event-stream\r\n\r\n".encode()
+            )
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 15)
+        except BaseException:
+            writer.close()
+            raise
+        assert head.startswith(b"HTTP/1.1 200 "), head
+        assert b"\r\ntransfer-encoding: chunked\r\n" in head.lower(), head
+        return stream
+
+    async def pump(self) -> None:
+        """Decode events until the body ends, then wait for the server to close."""
+        reader = self.reader
+        while True:
+            size = int((await reader.readuntil(b"\r\n")).split(b";", 1)[0], 16)
+            if size == 0:
+                await reader.readuntil(b"\r\n")
+                self.complete = True
+                break
+            chunk = await reader.readexactly(size + 2)
+            self.events.extend(self.decoder.feed(chunk[:-2]))
+        self.eof = await reader.read() == b""
+
+    async def close(self) -> None:
+        self.writer.close()
+        with contextlib.suppress(OSError):
+            await self.writer.wait_closed()
+
+
+@contextlib.asynccontextmanager
+async def raw_streams(port: int, topic: str, count: int) -> AsyncIterator[list[RawStream]]:
+    """``count`` open streams, each with a task reading it; all closed on exit."""
+    limit = asyncio.Semaphore(50)
+
+    async def one() -> RawStream:
+        async with limit:
+            return await RawStream.connect(port, topic)
+
+    results = await asyncio.gather(*(one() for _ in range(count)), return_exceptions=True)
+    streams = [r for r in results if isinstance(r, RawStream)]
+    tasks: list[asyncio.Task[None]] = []
+    try:
+        errors = [r for r in results if not isinstance(r, RawStream)]
+        assert not errors, f"{len(errors)} streams failed to open, e.g. {errors[0]!r}"
+        tasks = [asyncio.create_task(s.pump()) for s in streams]
+        yield streams
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.gather(*(s.close() for s in streams))
+
+
+async def open_streams(server: ServerProcess, http: httpx.AsyncClient, count: int) -> None:
+    async def all_subscribed() -> bool:
+        capacity = (await http.get(f"{server.url}/health/stream-capacity")).json()
+        return bool(capacity["subscribers"] == count)
+
+    await wait_until(all_subscribed, 20, f"{count} streams subscribed")
+
+
+def assert_drained(streams: list[RawStream], before: list[str]) -> list[int]:
+    """Each stream got ``before``, then the shutdown disconnect with a retry, then EOF.
+    Returns the retry values."""
+    retries: list[int] = []
+    for stream in streams:
+        *events, last = stream.events
+        assert [e.id for e in events] == before
+        assert last.event == "disconnect"
+        assert json.loads(last.data) == {"reason": "shutdown"}
+        assert last.retry is not None and 0 < last.retry <= 5000, last.retry
+        assert stream.complete and stream.eof
+        retries.append(last.retry)
+    return retries
+
+
+async def test_sigterm_drains_500_streams_and_loses_nothing(tmp_path: Path) -> None:
+    db = tmp_path / "hub.db"
+    count = 500
+    async with (
+        hub_process(tmp_path, db, "first") as server,
+        httpx.AsyncClient(timeout=10) as http,
+        raw_streams(server.port, "t", count) as streams,
+    ):
+        await open_streams(server, http, count)
+        acked = [await publish(http, server.url, "t", {"n": n}) for n in range(20)]
+        await wait_until(
+            lambda: all(len(s.events) >= len(acked) for s in streams), 20, "events delivered"
+        )
+        took = await server.stop(signal.SIGTERM, timeout=GRACE + 10)
+        assert server.proc.returncode == 0, server.output()[-3000:]
+        assert took < GRACE + 3, took
+        # the readers saw the end of each connection by the time the process was gone
+        await wait_until(lambda: all(s.eof for s in streams), 5, "every stream closed")
+        retries = assert_drained(streams, acked)
+        assert len(set(retries)) > 1, "the shutdown retry hints are not jittered"
+
+    # nothing acknowledged before the signal is lost: a restart on the same log replays it
+    async with (
+        hub_process(tmp_path, db, "second") as again,
+        httpx.AsyncClient(timeout=10) as http,
+    ):
+        before_first = str(int(acked[0]) - 1)
+        response = await http.get(
+            f"{again.url}/poll", params={"topic": "t", "last_event_id": before_first, "timeout": 0}
+        )
+        assert response.status_code == 200
+        polled = response.json()["events"]
+        assert [e["id"] for e in polled] == acked
+        assert [json.loads(e["data"]) for e in polled] == [{"n": n} for n in range(20)]
+        async with open_stream(again.url, ["t"], last_event_id=before_first) as stream:
+            replayed = await stream.take(len(acked))
+            assert [e.id for e in replayed] == acked
+
+
+async def test_stream_log_lines_are_json_and_hide_secrets(tmp_path: Path) -> None:
+    async with (
+        hub_process(tmp_path, tmp_path / "hub.db", "logs") as server,
+        httpx.AsyncClient(timeout=10) as http,
+    ):
+        secrets = {"token": "supersecret", "access_token": "abc"}
+        async with open_stream(server.url, ["a"], params=secrets) as stream:
+            await stream.read_until_raw(b"\n\n")
+            event_id = await publish(http, server.url, "a", "hello")
+            assert (await stream.next(10)).id == event_id
+
+        def closed() -> bool:
+            return any(r.get("event") == "stream.close" for r in server.records())
+
+        await wait_until(closed, 10, "stream.close logged")
+        await server.stop(signal.SIGTERM, timeout=GRACE + 10)
+        assert server.proc.returncode == 0
+        output = server.output()
+
+    records = [json.loads(line) for line in output.splitlines() if line.strip()]
+    opened = [r for r in records if r.get("event") == "stream.open"]
+    closes = [r for r in records if r.get("event") == "stream.close"]
+    assert len(opened) == 1 and len(closes) == 1, records
+    (open_line,), (close_line,) = opened, closes
+    assert open_line["logger"] == close_line["logger"] == "ssehub.access"
+    assert open_line["topics"] == close_line["topics"] == ["a"]
+    assert re.fullmatch(r"127\.0\.0\.1:\d+", open_line["client"])
+    assert close_line["client"] == open_line["client"]
+    assert close_line["reason"] == "client_gone"
+    assert isinstance(close_line["duration_s"], int | float) and close_line["duration_s"] >= 0
+    assert close_line["events"] == 1
+    assert isinstance(close_line["bytes"], int) and close_line["bytes"] > len("hello")
+    assert close_line["last_id"] == event_id
+    for secret in secrets.values():
+        assert secret not in output
+
+
+async def test_ctrl_c_drains_like_sigterm(tmp_path: Path) -> None:
+    async with (
+        hub_process(tmp_path, tmp_path / "hub.db", "ctrl-c") as server,
+        httpx.AsyncClient(timeout=10) as http,
+        raw_streams(server.port, "t", 5) as streams,
+    ):
+        await open_streams(server, http, 5)
+        acked = [await publish(http, server.url, "t", n) for n in range(3)]
+        await wait_until(lambda: all(len(s.events) == 3 for s in streams), 10, "delivered")
+        took = await server.stop(signal.SIGINT, timeout=GRACE + 10)
+        assert server.proc.returncode == 0, server.output()[-3000:]
+        assert took < GRACE + 3, took
+        await wait_until(lambda: all(s.eof for s in streams), 5, "every stream closed")
+        assert_drained(streams, acked)
