@@ -248,7 +248,7 @@ def test_level_filters_stdlib_and_structlog() -> None:
     logging.getLogger("ssehub.hub").info("quiet")
     access_logger().info("quiet too")
     logging.getLogger("ssehub.hub").warning("loud")
-    access_logger().error("loud too")
+    logging.getLogger("ssehub.access").error("loud too")
     assert [line["event"] for line in json_lines(out.getvalue())] == ["loud", "loud too"]
 
 
@@ -256,7 +256,7 @@ def test_debug_level_and_case_insensitive_names() -> None:
     out = io.StringIO()
     configure_logging(level="DEBUG", fmt="json", stream=out)
     logging.getLogger("ssehub.hub").debug("details")
-    access_logger().debug("details too")
+    logging.getLogger("ssehub.access").debug("details too")
     assert [line["level"] for line in json_lines(out.getvalue())] == ["debug", "debug"]
 
 
@@ -309,12 +309,18 @@ def test_uvicorn_loggers_propagate_to_the_root_handler() -> None:
     assert access["status_code"] == 204
 
 
-def test_access_logger_is_a_structlog_stdlib_logger() -> None:
-    configure_logging(fmt="json", stream=io.StringIO())
-    logger = access_logger()
-    bound = logger.bind(topic="x")
-    assert isinstance(bound, structlog.stdlib.BoundLogger)
-    assert bound.name == "ssehub.access"
+def test_access_lines_go_through_the_stdlib_logger(caplog: pytest.LogCaptureFixture) -> None:
+    """Embedded hubs must not print: access lines follow the app's logging config."""
+    with caplog.at_level(logging.WARNING, logger="ssehub.access"):
+        access_logger().info("stream.open", topics=["a"], client="1.2.3.4:5")
+    assert caplog.records == []
+    with caplog.at_level(logging.INFO, logger="ssehub.access"):
+        access_logger().info("stream.open", topics=["a"], client="1.2.3.4:5")
+    [record] = caplog.records
+    assert record.name == "ssehub.access"
+    assert record.getMessage() == "stream.open"
+    assert record.topics == ["a"]  # type: ignore[attr-defined]
+    assert record.client == "1.2.3.4:5"  # type: ignore[attr-defined]
 
 
 @pytest.mark.parametrize(

@@ -17,7 +17,7 @@ import logging
 import re
 import sys
 from collections.abc import Mapping
-from typing import Final, Literal, TextIO, cast, final
+from typing import Any, Final, Literal, TextIO, final
 from urllib.parse import unquote_plus
 
 import structlog
@@ -310,6 +310,27 @@ def configure_logging(
         access.addFilter(RedactQueryFilter())
 
 
-def access_logger() -> structlog.stdlib.BoundLogger:
-    """The structlog logger for per-request access lines (``ssehub.access``)."""
-    return cast(structlog.stdlib.BoundLogger, structlog.get_logger("ssehub.access"))
+class AccessLogger:
+    """Access lines (stream open/close/refused) on the stdlib logger ``ssehub.access``.
+
+    The fields become the record's extras: an app's own logging configuration decides
+    where they go (nowhere below INFO), and :func:`configure_logging` renders them as
+    fields of the JSON line. Nothing is formatted while INFO is disabled.
+    """
+
+    __slots__ = ("_logger",)
+
+    def __init__(self) -> None:
+        self._logger = logging.getLogger("ssehub.access")
+
+    def info(self, event: str, **fields: Any) -> None:
+        if self._logger.isEnabledFor(logging.INFO):
+            self._logger.info(event, extra=fields)
+
+
+_ACCESS_LOGGER = AccessLogger()
+
+
+def access_logger() -> AccessLogger:
+    """The logger for per-request access lines (``ssehub.access``)."""
+    return _ACCESS_LOGGER
