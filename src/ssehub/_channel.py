@@ -31,6 +31,7 @@ class DisconnectReason(enum.Enum):
     SHUTDOWN = "shutdown"
     LIFETIME = "lifetime"
     OVERLOADED = "overloaded"
+    ERROR = "error"
 
     @property
     def notify_client(self) -> bool:
@@ -148,7 +149,6 @@ class Subscription:
         "bytes_sent",
         "close_reason",
         "events_sent",
-        "heartbeat_due",
         "ip",
         "opened_at",
         "peer",
@@ -165,7 +165,6 @@ class Subscription:
         self._cursors: list[Cursor] = []
         self._waiter: asyncio.Future[None] | None = None
         self.close_reason: DisconnectReason | None = None
-        self.heartbeat_due = False
         self.wrote = False
         self.peer = peer
         self.ip = ip
@@ -197,8 +196,8 @@ class Subscription:
         return any(c.seq != c.channel.end for c in self._cursors)
 
     async def wait(self) -> None:
-        """Wait until something is pending, a heartbeat is due or the subscription closes."""
-        if self.close_reason is not None or self.heartbeat_due or self.pending():
+        """Wait until something is pending or the subscription closes."""
+        if self.close_reason is not None or self.pending():
             return
         self._waiter = asyncio.get_running_loop().create_future()
         try:

@@ -30,6 +30,7 @@ from ._exceptions import (
 )
 from ._metrics import HubMetrics
 from ._models import Event, NewEvent, validate_event_name, validate_retry, validate_topic
+from ._stream import StreamSubscription
 from .backends import EventLog, Retention, SupportsHealth, SupportsSize, open_event_log
 
 if TYPE_CHECKING:
@@ -108,7 +109,7 @@ class Hub:
         self._wakeup: asyncio.Event | None = None
         self._closing = False
         self._tasks: list[asyncio.Task[None]] = []
-        self._streams: set[Subscription] = set()
+        self._streams: set[StreamSubscription] = set()
         self._idle: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._published = 0
@@ -141,8 +142,8 @@ class Hub:
         self._idle = asyncio.Event()
         self._idle.set()
         self._tasks.append(asyncio.create_task(self._append_loop(), name="ssehub-appender"))
-        if self.config.heartbeat_interval > 0:
-            self._tasks.append(asyncio.create_task(self._heartbeat_loop(), name="ssehub-heartbeat"))
+        if self.config.heartbeat_interval > 0 or self.config.write_timeout > 0:
+            self._tasks.append(asyncio.create_task(self._ticker(), name="ssehub-ticker"))
         self._state = "running"
         logger.info("hub started", extra={"backend": self.backend_url, "head": self._broker.head})
 
@@ -430,9 +431,13 @@ class Hub:
                     raise HistoryGoneError("unknown", f"event id {after} is not from this log")
             except HistoryGoneError as exc:
                 reset, after = exc, None
-        sub = Subscription(topics, head, peer, ip)
+        sub = (
+            StreamSubscription(self, topics, head, peer, ip)
+            if stream
+            else Subscription(topics, head, peer, ip)
+        )
         covered = self._broker.subscribe(sub, topics, after)
-        if stream:
+        if isinstance(sub, StreamSubscription):
             self._streams.add(sub)
             self._per_ip[ip] = self._per_ip.get(ip, 0) + 1
             assert self._loop is not None
@@ -623,17 +628,32 @@ class Hub:
 
     # -- heartbeats -----------------------------------------------------------------
 
-    async def _heartbeat_loop(self) -> None:
-        """One ticker for all streams: an idle stream gets a comment every interval."""
-        period = self.config.heartbeat_interval / 2
+    async def _ticker(self) -> None:
+        """One ticker for all streams: heartbeats for idle streams, and the write timeout
+        for streams whose send is blocked on a full socket."""
+        config = self.config
+        half_beat = config.heartbeat_interval / 2
+        timeout = config.write_timeout
+        period = min(p for p in (half_beat, timeout / 4) if p > 0)
+        loop = asyncio.get_running_loop()
+        next_beat = loop.time() + half_beat
         while True:
             await asyncio.sleep(period)
-            for sub in self._streams:
-                if sub.wrote:
-                    sub.wrote = False
-                else:
-                    sub.heartbeat_due = True
-                    sub.wake()
+            now = loop.time()
+            streams = list(self._streams)
+            if timeout > 0:
+                for sub in streams:
+                    if sub.busy and now - sub.busy_since >= timeout:
+                        sub.close(DisconnectReason.STALLED)
+            if half_beat > 0 and now >= next_beat:
+                # A stream that wrote nothing since the previous beat gets a comment, so
+                # an idle stream hears from the hub every heartbeat_interval.
+                next_beat = now + half_beat
+                for sub in streams:
+                    if sub.wrote:
+                        sub.wrote = False
+                    else:
+                        sub.heartbeat()
 
 
 @dataclass(frozen=True, slots=True)

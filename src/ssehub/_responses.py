@@ -1,9 +1,20 @@
-"""The lean stream response: first bytes at once, one task, one send per batch.
+"""The lean stream response: writes straight from the fan-out, one parked coroutine.
 
-One task per connection drains everything pending from its cursors (merged in id
-order) and writes it in one ``send``; a small disconnect watch (the ASGI ``receive()``
-returning ``http.disconnect``) releases the subscription at once. Heartbeats come from
-the hub's single ticker.
+A stream is a :class:`StreamSubscription`: cursors into the topics' rings plus the
+connection's ASGI ``send``. When an event is published, the fan-out loop calls each
+subscription's :meth:`~StreamSubscription.wake`, which takes everything pending (merged
+in id order) and writes it in one ``send`` right there, stepping the ``send`` coroutine
+by hand: with uvicorn it finishes without suspending while the socket is writable, so
+a delivery costs no task switch. Only when a socket is full does the send suspend; the
+subscription is then *busy*, its cursor stops while events keep landing in the ring,
+and the send is finished by a callback on the future it waits for, which then writes
+whatever accumulated. The publisher never waits for a subscriber.
+
+Meanwhile the connection's own coroutine is parked in the ASGI ``receive()``, which
+returns only when the client goes away; the hub wakes it (by cancelling that wait)
+when the stream must end: shutdown, slow, stalled or lifetime. Heartbeats and write
+timeouts come from the hub's single ticker. Per connection that is one coroutine, one
+subscription object and its cursors: no queue, no extra task, no timer.
 """
 
 from __future__ import annotations
@@ -11,18 +22,17 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import time
-from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from starlette.responses import Response
-from starlette.types import Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 
 from ._broker import encode
-from ._channel import DisconnectReason, Lagged, Subscription
+from ._channel import DisconnectReason
 from ._exceptions import HistoryGoneError
 from ._hub import REPLAY_PAGE_SIZE, reset_data
 from ._logging import access_logger
+from ._stream import StreamSubscription
 from ._wire import encode_comment, encode_event
 
 if TYPE_CHECKING:
@@ -35,16 +45,10 @@ STREAM_HEADERS: Final = [
     (b"cache-control", b"no-cache, no-transform"),
     (b"x-accel-buffering", b"no"),
 ]
-HEARTBEAT: Final = b":\n\n"
 TRANSPORT_EXTENSION: Final = "ssehub.transport"
-"""Scope extension through which a server hands the connection's transport to the hub
-(``{"transport": asyncio.Transport}``), so a stalled stream can be aborted."""
-MAX_BATCH_EVENTS: Final = 1000
-"""Most events written in one send when a subscriber has a backlog."""
-
-
-class _Stalled(Exception):
-    pass
+"""Scope extension through which a server hands the hub the connection's transport
+(``{"transport": asyncio.Transport}``, so a stalled stream can be aborted) and, as
+``"send"``, the server's own send for body messages (skipping middleware wrappers)."""
 
 
 def disconnect_chunk(reason: DisconnectReason, retry_ms: int) -> bytes:
@@ -59,7 +63,9 @@ def disconnect_chunk(reason: DisconnectReason, retry_ms: int) -> bytes:
 class HubStreamResponse(Response):
     """Streams one subscription of ``hub`` as ``text/event-stream``."""
 
-    def __init__(self, hub: Hub, sub: Subscription, plan: ResumePlan, resume: str | None) -> None:
+    def __init__(
+        self, hub: Hub, sub: StreamSubscription, plan: ResumePlan, resume: str | None
+    ) -> None:
         # Response.__init__ is not called on purpose: this response writes its own
         # headers and body; only what Starlette's middleware may read is set.
         self.status_code = 200
@@ -73,21 +79,25 @@ class HubStreamResponse(Response):
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         hub, sub, plan = self._hub, self._sub, self._plan
         config = hub.config
-        metrics = hub.metrics
-        watch = asyncio.ensure_future(_watch_disconnect(receive, sub.close))
-        timeout = config.write_timeout or None
-        metrics.stream_opened()
+        extension = scope.get("extensions", {}).get(TRANSPORT_EXTENSION) or {}
+        sub.transport = extension.get("transport")
+        sub.task = asyncio.current_task()
+        hub.metrics.stream_opened()
         access_logger().info(
             "stream.open", topics=list(sub.topics), client=sub.peer, resume_from=self._resume
         )
+        timeout = config.write_timeout or None
 
         async def write(chunk: bytes) -> None:
+            # Writes before the stream goes live (first bytes, replay, the final event)
+            # run in this coroutine, each with the write timeout.
+            message: Message = {"type": "http.response.body", "body": chunk, "more_body": True}
             try:
                 async with asyncio.timeout(timeout):
-                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                    await send(message)
             except TimeoutError:
                 sub.close(DisconnectReason.STALLED)
-                raise _Stalled from None
+                raise
             sub.wrote = True
             sub.bytes_sent += len(chunk)
 
@@ -112,71 +122,74 @@ class HubStreamResponse(Response):
                         page = replay[start : start + REPLAY_PAGE_SIZE]
                         await write(b"".join(encode(e) for e in page))
                         sub.events_sent += len(page)
-            await self._live(sub, write)
-            reason = sub.close_reason
-            if reason is not None and reason.notify_client:
-                await write(disconnect_chunk(reason, hub.retry_hint(reason)))
-            if reason is not DisconnectReason.CLIENT_GONE:
-                await send({"type": "http.response.body", "body": b"", "more_body": False})
-        except _Stalled:
-            # The client stopped reading. Abort the connection when the server lets us
-            # (ssehub serve does): a plain close would wait for the buffer to drain.
-            transport = scope.get("extensions", {}).get(TRANSPORT_EXTENSION, {}).get("transport")
-            if transport is not None:
-                transport.abort()
+            # Live: the fan-out writes from now on; this coroutine parks in receive().
+            sub.send = extension.get("send") or send
+            sub.live = True
+            sub.wake()
+            await _park(sub, receive)
+            sub.live = False
+            await self._finish(sub, send, write)
+        except TimeoutError:
+            pass  # stalled while this coroutine was writing: aborted below
         finally:
-            watch.cancel()
+            sub.live = False
+            if sub.close_reason is DisconnectReason.STALLED:
+                # The client stopped reading. Abort the connection when the server lets
+                # us (ssehub serve does): a plain close would wait for the buffer to drain.
+                if sub.transport is not None:
+                    sub.transport.abort()
             hub.release(sub)
-            reason = sub.close_reason or DisconnectReason.CLIENT_GONE
-            metrics.stream_closed(reason.value)
-            loop = asyncio.get_running_loop()
-            access_logger().info(
-                "stream.close",
-                topics=list(sub.topics),
-                client=sub.peer,
-                resume_from=self._resume,
-                reason=reason.value,
-                duration_s=round(loop.time() - sub.opened_at, 3),
-                events=sub.events_sent,
-                bytes=sub.bytes_sent,
-                last_id=str(sub.position),
-            )
+            self._log_close(sub)
 
-    async def _live(self, sub: Subscription, write: Callable[[bytes], Awaitable[None]]) -> None:
-        hub = self._hub
-        metrics = hub.metrics
+    async def _finish(self, sub: StreamSubscription, send: Send, write: Any) -> None:
+        reason = sub.close_reason
+        if reason is DisconnectReason.CLIENT_GONE or reason is DisconnectReason.STALLED:
+            return
+        if sub.busy:
+            # A send is still blocked on a full socket: the client reads too slowly to
+            # take a goodbye in time. Treat it as stalled (abort) rather than wait.
+            sub.close_reason = DisconnectReason.STALLED
+            return
+        if reason is not None and reason.notify_client:
+            await write(disconnect_chunk(reason, self._hub.retry_hint(reason)))
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    def _log_close(self, sub: StreamSubscription) -> None:
+        reason = sub.close_reason or DisconnectReason.CLIENT_GONE
+        self._hub.metrics.stream_closed(reason.value)
+        loop = asyncio.get_running_loop()
+        access_logger().info(
+            "stream.close",
+            topics=list(sub.topics),
+            client=sub.peer,
+            resume_from=self._resume,
+            reason=reason.value,
+            duration_s=round(loop.time() - sub.opened_at, 3),
+            events=sub.events_sent,
+            bytes=sub.bytes_sent,
+            last_id=str(sub.position),
+        )
+
+
+async def _park(sub: StreamSubscription, receive: Receive) -> None:
+    """Wait in ``receive()`` until the client leaves or the hub ends the stream."""
+    task = sub.task
+    try:
         while sub.close_reason is None:
-            try:
-                events, chunks = sub.take(MAX_BATCH_EVENTS)
-            except Lagged as lagged:
-                reset = hub.handle_lag(sub, lagged)
-                if reset is not None:
-                    await write(encode_event(reset, event="reset"))
-                continue
-            if chunks:
-                data = b"".join(chunks) if len(chunks) > 1 else chunks[0]
-                await write(data)
-                sub.events_sent += len(events)
-                metrics.delivered(len(events), len(data))
-                metrics.latency(time.time() - events[-1].time)
-                continue
-            if sub.heartbeat_due:
-                sub.heartbeat_due = False
-                await write(HEARTBEAT)
-                continue
-            await sub.wait()
+            sub.parked = True
+            message = await receive()
+            sub.parked = False
+            if message["type"] == "http.disconnect":
+                sub.close(DisconnectReason.CLIENT_GONE)
+    except asyncio.CancelledError:
+        sub.parked = False
+        if sub.close_reason is None or task is None:
+            raise  # not our wake-up: the server is cancelling the request
+        task.uncancel()
 
 
 def _reset_chunk(exc: HistoryGoneError, current: int) -> bytes:
     return encode_event(reset_data(exc, current), id=str(current), event="reset")
-
-
-async def _watch_disconnect(receive: Receive, close: Callable[[DisconnectReason], None]) -> None:
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            close(DisconnectReason.CLIENT_GONE)
-            return
 
 
 def refusal_stream(retry_ms: int, event: str, data: dict[str, str]) -> Response:

@@ -3,9 +3,10 @@
 * :class:`HubServer` drains the hub's streams on SIGTERM/Ctrl+C (uvicorn waits for open
   responses before the app's shutdown runs, and streams never end by themselves) and
   exits with status 0 after a graceful shutdown.
-* :class:`HubHttpToolsProtocol` hands each request's transport to the hub through a
-  scope extension, so a stream whose client stopped reading is aborted at once instead
-  of waiting for a write buffer that never drains.
+* :class:`HubHttpToolsProtocol` hands each request's transport and send to the hub
+  through a scope extension, so a stream whose client stopped reading is aborted at once
+  instead of waiting for a write buffer that never drains, and deliveries skip the
+  middleware wrappers around ``send``.
 """
 
 from __future__ import annotations
@@ -35,7 +36,9 @@ class HubHttpToolsProtocol(HttpToolsProtocol):
         super().on_headers_complete()
         # The request's task is scheduled, not started: it sees this scope entry.
         extensions = self.scope.setdefault("extensions", {})
-        extensions[TRANSPORT_EXTENSION] = {"transport": self.transport}
+        # The cycle's own send skips the middleware wrappers on every delivery; the hub
+        # uses it only for body messages of a stream whose start went the normal way.
+        extensions[TRANSPORT_EXTENSION] = {"transport": self.transport, "send": self.cycle.send}
 
 
 class HubServer(uvicorn.Server):
