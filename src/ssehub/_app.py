@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 from fastapi import FastAPI
 from starlette.middleware.cors import CORSMiddleware
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ._hub import Hub
+from ._routes import EventsEndpoint
 
 CORS_REQUEST_HEADERS = ("Last-Event-ID", "Authorization", "Content-Type", "Idempotency-Key")
 
@@ -29,18 +32,44 @@ def create_app(
 
     if hub is None:
         hub = Hub(backend) if backend else Hub()
-    app = FastAPI(title="ssehub", version=__version__, lifespan=hub.lifespan)
+    app = HubApp(title="ssehub", version=__version__, lifespan=hub.lifespan)
     app.state.hub = hub
     app.include_router(hub.router)
+    events: ASGIApp = EventsEndpoint(hub)
     origins = list(dict.fromkeys(cors_origins))
     if origins:
         wildcard = "*" in origins
-        app.add_middleware(
-            CORSMiddleware,
-            allow_origins=["*"] if wildcard else origins,
-            allow_credentials=not wildcard,
-            allow_methods=["GET", "POST", "OPTIONS"],
-            allow_headers=list(CORS_REQUEST_HEADERS),
-            max_age=600,
-        )
+        cors: dict[str, Any] = {
+            "allow_origins": ["*"] if wildcard else origins,
+            "allow_credentials": not wildcard,
+            "allow_methods": ["GET", "POST", "OPTIONS"],
+            "allow_headers": list(CORS_REQUEST_HEADERS),
+            "max_age": 600,
+        }
+        app.add_middleware(CORSMiddleware, **cors)
+        events = CORSMiddleware(events, **cors)
+    app.events_endpoint = events
+    app.own_middleware = len(app.user_middleware)
     return app
+
+
+class HubApp(FastAPI):
+    """The standalone app. ``GET /events`` skips FastAPI's middleware and routing stack
+    and goes straight to the stream endpoint (through CORS when configured): the frames
+    and objects a framework keeps alive for a request are paid per open stream. Once
+    someone adds a middleware of their own, streams take the normal path through it."""
+
+    events_endpoint: ASGIApp | None = None
+    own_middleware = 0
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if (
+            self.events_endpoint is not None
+            and len(self.user_middleware) == self.own_middleware
+            and scope["type"] == "http"
+            and scope["path"] == "/events"
+            and scope["method"] == "GET"
+        ):
+            await self.events_endpoint(scope, receive, send)
+            return
+        await super().__call__(scope, receive, send)

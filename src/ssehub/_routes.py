@@ -7,6 +7,8 @@ from typing import TYPE_CHECKING, Any, Final
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
+from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
 
 from ._channel import DisconnectReason
 from ._config import DEFAULT_POLL_TIMEOUT
@@ -25,6 +27,7 @@ from ._hub import ResetNotice
 from ._logging import access_logger
 from ._models import Event
 from ._responses import HubStreamResponse, refusal_stream
+from ._stream import StreamSubscription
 
 if TYPE_CHECKING:
     from ._hub import Hub
@@ -160,13 +163,18 @@ def poll_item(item: Event | ResetNotice) -> dict[str, Any]:
     }
 
 
-def build_router(hub: Hub) -> APIRouter:
-    """The HTTP API of ``hub``. Every handler answers errors itself (JSON bodies from
-    :data:`ERROR_STATUS`), so the router works in any app without exception handlers."""
-    router = APIRouter()
+class EventsEndpoint:
+    """``GET /events``: the SSE stream, as a bare ASGI app (see :func:`build_router`)."""
 
-    @router.get("/events", summary="Subscribe to one or more topics (text/event-stream)")
-    async def events(request: Request) -> Response:
+    def __init__(self, hub: Hub) -> None:
+        self.hub = hub
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        response = self.respond(Request(scope))
+        await response(scope, receive, send)
+
+    def respond(self, request: Request) -> Response:
+        hub = self.hub
         topics = request.query_params.getlist("topic")
         if not topics:
             return error_response(
@@ -184,7 +192,18 @@ def build_router(hub: Hub) -> APIRouter:
             return refuse_stream(hub, request, exc)
         except HubError as exc:
             return error_response(exc)
+        assert isinstance(sub, StreamSubscription)
         return HubStreamResponse(hub, sub, plan, resume)
+
+
+def build_router(hub: Hub) -> APIRouter:
+    """The HTTP API of ``hub``. Every handler answers errors itself (JSON bodies from
+    :data:`ERROR_STATUS`), so the router works in any app without exception handlers."""
+    router = APIRouter()
+
+    # A plain ASGI endpoint, not a FastAPI route: a stream lives for hours, and every
+    # frame and object the framework keeps alive for it is paid per connection.
+    router.routes.append(Route("/events", EventsEndpoint(hub), methods=["GET"]))
 
     @router.get("/poll", summary="Long-poll fallback: events after last_event_id, as JSON")
     async def poll(request: Request) -> Response:
