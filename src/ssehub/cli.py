@@ -284,3 +284,18 @@ def tail(topics: tuple[str, ...], last_event_id: str | None, as_json: bool, url:
         pass
     except HubError as exc:
         raise click.ClickException(str(exc)) from exc
+
+
+@main.command(
+    context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
+    add_help_option=False,
+)
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def loadgen(args: tuple[str, ...]) -> None:
+    """Load-test a hub (or any SSE server speaking its API) on this machine.
+
+    Scenarios: idle, fanout, throughput, churn. `ssehub loadgen --help` lists the options.
+    """
+    from .loadgen import main as loadgen_main
+
+    sys.exit(loadgen_main(list(args)))
