@@ -3,14 +3,19 @@
 Every `HubMetrics` owns its own `CollectorRegistry` (never prometheus-client's global
 ``REGISTRY``), so several hubs can live in one process, as they do in the tests.
 
-Counters are bumped on the hot path, so each method is a dict lookup plus one ``inc()``
-on a label child bound in advance. Live counts (open streams, subscribers, topics, ...)
-are not tracked here: a collector asks the hub's ``statistics()`` at scrape time.
+The per-delivery figures (deliveries, bytes, publish-to-write latency) are bumped once
+per write on the fan-out's hot path, so they are plain integers and a bucket list,
+turned into metric families only at scrape time (prometheus-client's own counters take
+a lock per ``inc()``). The rarer counters are prometheus-client counters, each bump a dict
+lookup plus one ``inc()`` on a label child bound in advance. Live counts (open streams,
+subscribers, topics, ...) are not tracked here: a collector asks the hub's
+``statistics()`` at scrape time.
 """
 
 from __future__ import annotations
 
 import logging
+from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Final, final
 
@@ -18,10 +23,14 @@ from prometheus_client import (
     CONTENT_TYPE_PLAIN_0_0_4,
     CollectorRegistry,
     Counter,
-    Histogram,
     generate_latest,
 )
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
@@ -131,6 +140,46 @@ class _StatisticsCollector(Collector):
 
 
 @final
+class _DeliveryCollector(Collector):
+    """The hot-path figures of a :class:`HubMetrics`, as metric families at scrape time."""
+
+    def __init__(self, metrics: HubMetrics) -> None:
+        self._metrics = metrics
+
+    def describe(self) -> Iterator[Metric]:
+        yield CounterMetricFamily("ssehub_deliveries", "Events written to subscribers.")
+        yield CounterMetricFamily("ssehub_delivered_bytes", "Bytes of events written.")
+        yield HistogramMetricFamily("ssehub_publish_to_write_seconds", _LATENCY_HELP)
+
+    def collect(self) -> Iterator[Metric]:
+        metrics = self._metrics
+        yield CounterMetricFamily(
+            "ssehub_deliveries", "Events written to subscribers.", metrics.deliveries
+        )
+        yield CounterMetricFamily(
+            "ssehub_delivered_bytes",
+            "Bytes of events written to subscribers.",
+            metrics.delivered_bytes,
+        )
+        cumulative = 0
+        buckets: list[tuple[str, float]] = []
+        for bound, count in zip(
+            (*map(str, LATENCY_BUCKETS), "+Inf"), metrics.latency_counts, strict=True
+        ):
+            cumulative += count
+            buckets.append((bound, cumulative))
+        yield HistogramMetricFamily(
+            "ssehub_publish_to_write_seconds",
+            _LATENCY_HELP,
+            buckets=buckets,
+            sum_value=metrics.latency_sum,
+        )
+
+
+_LATENCY_HELP: Final = "Time from publish to the event being written to a subscriber."
+
+
+@final
 class HubMetrics:
     """The hub's Prometheus metrics, in a registry of their own.
 
@@ -142,15 +191,16 @@ class HubMetrics:
 
     __slots__ = (
         "_closed",
-        "_delivered_bytes",
-        "_deliveries",
         "_lagged",
-        "_latency",
         "_opened",
         "_published",
         "_refused",
         "_replayed",
         "_resets",
+        "delivered_bytes",
+        "deliveries",
+        "latency_counts",
+        "latency_sum",
         "registry",
     )
 
@@ -177,12 +227,12 @@ class HubMetrics:
             REFUSE_REASONS,
         )
         self._published = Counter("ssehub_events_published", "Events published.", registry=registry)
-        self._deliveries = Counter(
-            "ssehub_deliveries", "Events written to subscribers.", registry=registry
-        )
-        self._delivered_bytes = Counter(
-            "ssehub_delivered_bytes", "Bytes of events written to subscribers.", registry=registry
-        )
+        self.deliveries = 0
+        self.delivered_bytes = 0
+        self.latency_counts = [0] * (len(LATENCY_BUCKETS) + 1)
+        """Observations per latency bucket (not cumulative); the last is above 10 s."""
+        self.latency_sum = 0.0
+        registry.register(_DeliveryCollector(self))
         self._replayed = Counter(
             "ssehub_replayed_events", "Events replayed from the log on resume.", registry=registry
         )
@@ -205,12 +255,6 @@ class HubMetrics:
             ),
             LAG_POLICIES,
         )
-        self._latency = Histogram(
-            "ssehub_publish_to_write_seconds",
-            "Time from publish to the event being written to a subscriber.",
-            buckets=LATENCY_BUCKETS,
-            registry=registry,
-        )
         if statistics is not None:
             registry.register(_StatisticsCollector(statistics))
 
@@ -227,8 +271,8 @@ class HubMetrics:
         self._published.inc(count)
 
     def delivered(self, events: int, nbytes: int) -> None:
-        self._deliveries.inc(events)
-        self._delivered_bytes.inc(nbytes)
+        self.deliveries += events
+        self.delivered_bytes += nbytes
 
     def replayed(self, count: int) -> None:
         self._replayed.inc(count)
@@ -240,7 +284,8 @@ class HubMetrics:
         self._lagged[policy].inc()
 
     def latency(self, seconds: float) -> None:
-        self._latency.observe(seconds)
+        self.latency_counts[bisect_left(LATENCY_BUCKETS, seconds)] += 1
+        self.latency_sum += seconds
 
     def render(self) -> tuple[bytes, str]:
         """The registry in Prometheus text format, and its ``Content-Type``."""
