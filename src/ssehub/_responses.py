@@ -124,6 +124,7 @@ class HubStreamResponse(Response):
                         sub.events_sent += len(page)
             # Live: the fan-out writes from now on; this coroutine parks in receive().
             sub.send = extension.get("send") or send
+            sub.fast_write = extension.get("write")
             sub.live = True
             sub.wake()
             await _park(sub, receive)

@@ -16,11 +16,12 @@ import math
 import signal
 import threading
 from collections.abc import Iterator
+from functools import partial
 from types import FrameType
 from typing import Any
 
 import uvicorn
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
 from ._hub import Hub
 from ._responses import TRANSPORT_EXTENSION
@@ -29,16 +30,34 @@ KEEP_ALIVE_TIMEOUT = 65
 """Seconds an idle keep-alive connection is kept; above common proxy/LB idle timeouts."""
 
 
+def _write_now(cycle: RequestResponseCycle, body: bytes) -> bool:
+    """Write one more body chunk of a started, chunked response exactly as uvicorn's
+    ``send`` would, but without a coroutine; False when ``send`` would have to wait
+    (the socket is full), so the caller falls back to it."""
+    if cycle.disconnected or cycle.response_complete:
+        return True  # uvicorn's send drops the message too
+    if cycle.flow.write_paused or not cycle.chunked_encoding:
+        return False
+    cycle.transport.write(b"%x\r\n%b\r\n" % (len(body), body))
+    return True
+
+
 class HubHttpToolsProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol, adding ``scope["extensions"]["ssehub.transport"]``."""
+    """uvicorn's httptools protocol, adding ``scope["extensions"]["ssehub.transport"]``:
+    the transport (to abort a stalled stream), the cycle's own ``send`` (skipping the
+    middleware wrappers for body messages of a stream whose start went the normal way)
+    and ``write``, which writes a body chunk synchronously while the socket takes it."""
 
     def on_headers_complete(self) -> None:
         super().on_headers_complete()
         # The request's task is scheduled, not started: it sees this scope entry.
         extensions = self.scope.setdefault("extensions", {})
-        # The cycle's own send skips the middleware wrappers on every delivery; the hub
-        # uses it only for body messages of a stream whose start went the normal way.
-        extensions[TRANSPORT_EXTENSION] = {"transport": self.transport, "send": self.cycle.send}
+        cycle = self.cycle
+        extensions[TRANSPORT_EXTENSION] = {
+            "transport": self.transport,
+            "send": cycle.send,
+            "write": partial(_write_now, cycle),
+        }
 
 
 class HubServer(uvicorn.Server):

@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from functools import partial
 from typing import TYPE_CHECKING, Any, Final
 
@@ -41,6 +41,7 @@ class StreamSubscription(Subscription):
     __slots__ = (
         "busy",
         "busy_since",
+        "fast_write",
         "hub",
         "live",
         "parked",
@@ -53,6 +54,9 @@ class StreamSubscription(Subscription):
         super().__init__(topics, position, peer, ip)
         self.hub = hub
         self.send: Send | None = None
+        self.fast_write: Callable[[bytes], bool] | None = None
+        """A server's synchronous write, if it offers one (ssehub serve does): True when
+        written, False when the socket is full and ``send`` must be used."""
         self.task: asyncio.Task[Any] | None = None
         self.transport: asyncio.BaseTransport | None = None
         self.live = False
@@ -110,6 +114,9 @@ class StreamSubscription(Subscription):
         assert self.send is not None
         self.wrote = True
         self.bytes_sent += len(data)
+        fast_write = self.fast_write
+        if fast_write is not None and fast_write(data):
+            return True
         coro = self.send({"type": "http.response.body", "body": data, "more_body": True})
         return self._step(coro)  # type: ignore[arg-type]
 
