@@ -216,7 +216,15 @@ class Subscription:
             channel, seq = cursor.channel, cursor.seq
             if seq < channel.start:
                 raise Lagged(cursor)
-            stop = min(channel.end, seq + limit)
+            end = channel.end
+            if end - seq == 1:  # the common case: one new event (same module: direct access)
+                slot = seq % channel.capacity
+                event = channel._events[slot]
+                assert event is not None
+                cursor.seq = end
+                self.position = event.id
+                return [event], [channel._chunks[slot]]
+            stop = min(end, seq + limit)
             events = [channel.event_at(s) for s in range(seq, stop)]
             chunks = [channel.chunk_at(s) for s in range(seq, stop)]
             cursor.seq = stop

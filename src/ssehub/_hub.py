@@ -8,6 +8,7 @@ import json
 import logging
 import random
 import re
+import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
@@ -118,7 +119,7 @@ class Hub:
             OrderedDict()
         )
         self._router: APIRouter | None = None
-        self.metrics = HubMetrics(self.statistics)
+        self.metrics = HubMetrics(self.statistics, self._live_deliveries)
         """Prometheus metrics of this hub (``/metrics`` renders them)."""
 
     # -- lifecycle ------------------------------------------------------------------
@@ -226,6 +227,11 @@ class Hub:
             max_streams=self.config.max_streams,
             log_events=self._log.event_count() if isinstance(self._log, SupportsSize) else None,
         )
+
+    def _live_deliveries(self) -> tuple[int, int]:
+        """Events and bytes written so far by the open streams (for the metrics)."""
+        streams = list(self._streams)
+        return sum(s.events_sent for s in streams), sum(s.bytes_sent for s in streams)
 
     def capacity(self) -> dict[str, Any]:
         """The answer of ``GET /health/stream-capacity``: live counts and a transport advice."""
@@ -367,8 +373,12 @@ class Hub:
                         future.set_exception(error)
                 continue
             self._published += len(events)
-            self.metrics.published(len(events))
+            metrics = self.metrics
+            metrics.published(len(events))
             self._broker.publish_local(events)
+            # One observation per batch: the time until the fan-out wrote its newest
+            # event to every stream that was ready (streams catching up observe their own).
+            metrics.latency(time.time() - events[-1].time)
             for (_, future), stored in zip(batch, events, strict=True):
                 if not future.done():
                     future.set_result(stored)
@@ -461,6 +471,7 @@ class Hub:
         self._broker.unsubscribe(sub)
         if sub in self._streams:
             self._streams.discard(sub)
+            self.metrics.delivered(sub.events_sent, sub.bytes_sent)
             left = self._per_ip[sub.ip] - 1
             if left:
                 self._per_ip[sub.ip] = left

@@ -153,14 +153,13 @@ class _DeliveryCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         metrics = self._metrics
-        yield CounterMetricFamily(
-            "ssehub_deliveries", "Events written to subscribers.", metrics.deliveries
-        )
-        yield CounterMetricFamily(
-            "ssehub_delivered_bytes",
-            "Bytes of events written to subscribers.",
-            metrics.delivered_bytes,
-        )
+        events, nbytes = metrics.deliveries, metrics.delivered_bytes
+        if metrics.live_deliveries is not None:
+            live_events, live_bytes = metrics.live_deliveries()
+            events += live_events
+            nbytes += live_bytes
+        yield CounterMetricFamily("ssehub_deliveries", "Events written to subscribers.", events)
+        yield CounterMetricFamily("ssehub_delivered_bytes", "Bytes written to subscribers.", nbytes)
         cumulative = 0
         buckets: list[tuple[str, float]] = []
         for bound, count in zip(
@@ -201,10 +200,15 @@ class HubMetrics:
         "deliveries",
         "latency_counts",
         "latency_sum",
+        "live_deliveries",
         "registry",
     )
 
-    def __init__(self, statistics: Callable[[], HubStatistics] | None = None) -> None:
+    def __init__(
+        self,
+        statistics: Callable[[], HubStatistics] | None = None,
+        live_deliveries: Callable[[], tuple[int, int]] | None = None,
+    ) -> None:
         self.registry = CollectorRegistry()
         registry = self.registry
         self._opened = Counter("ssehub_streams_opened", "Event streams opened.", registry=registry)
@@ -232,6 +236,9 @@ class HubMetrics:
         self.latency_counts = [0] * (len(LATENCY_BUCKETS) + 1)
         """Observations per latency bucket (not cumulative); the last is above 10 s."""
         self.latency_sum = 0.0
+        self.live_deliveries = live_deliveries
+        """Events and bytes written by open streams, added at scrape time: streams count
+        their own writes and hand them over (:meth:`delivered`) when they close."""
         registry.register(_DeliveryCollector(self))
         self._replayed = Counter(
             "ssehub_replayed_events", "Events replayed from the log on resume.", registry=registry

@@ -126,7 +126,7 @@ class HubStreamResponse(Response):
             sub.send = extension.get("send") or send
             sub.fast_write = extension.get("write")
             sub.live = True
-            sub.wake()
+            sub.catch_up()
             await _park(sub, receive)
             sub.live = False
             await self._finish(sub, send, write)

@@ -70,12 +70,25 @@ class StreamSubscription(Subscription):
     # -- called by the fan-out, the ticker and the hub ----------------------------
 
     def wake(self) -> None:
+        """From the fan-out: write what is pending (the hub observes the latency)."""
         if self.live and not self.busy and self.close_reason is None:
             try:
                 self.flush()
             except Exception:
-                logger.exception("stream write failed", extra={"client": self.peer})
-                self.close(DisconnectReason.ERROR)
+                self._failed()
+
+    def catch_up(self) -> None:
+        """Outside the fan-out (after a blocked send, when going live): write what is
+        pending and observe its publish-to-write latency."""
+        if self.live and not self.busy and self.close_reason is None:
+            try:
+                self.flush(observe=True)
+            except Exception:
+                self._failed()
+
+    def _failed(self) -> None:
+        logger.exception("stream write failed", extra={"client": self.peer})
+        self.close(DisconnectReason.ERROR)
 
     def close(self, reason: DisconnectReason) -> None:
         if self.close_reason is None:
@@ -88,7 +101,7 @@ class StreamSubscription(Subscription):
         if self.live and not self.busy and self.close_reason is None:
             self.write(HEARTBEAT)
 
-    def flush(self) -> None:
+    def flush(self, observe: bool = False) -> None:
         """Write everything pending, now, in as few sends as possible."""
         while self.close_reason is None:
             try:
@@ -100,23 +113,23 @@ class StreamSubscription(Subscription):
                 continue
             if not chunks:
                 return
-            data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
             self.events_sent += len(events)
-            metrics = self.hub.metrics
-            metrics.delivered(len(events), len(data))
-            metrics.latency(time.time() - events[-1].time)
-            if not self.write(data) or len(chunks) < MAX_BATCH_EVENTS:
+            if observe:
+                self.hub.metrics.latency(time.time() - events[-1].time)
+            if not self.write(chunks[0] if len(chunks) == 1 else b"".join(chunks)):
+                return
+            if len(chunks) < MAX_BATCH_EVENTS:
                 return
 
     def write(self, data: bytes) -> bool:
         """Send ``data``; True when done, False when the socket is full (the send then
         finishes in the background and flushes what accumulated meanwhile)."""
-        assert self.send is not None
         self.wrote = True
         self.bytes_sent += len(data)
         fast_write = self.fast_write
         if fast_write is not None and fast_write(data):
             return True
+        assert self.send is not None
         coro = self.send({"type": "http.response.body", "body": data, "more_body": True})
         return self._step(coro)  # type: ignore[arg-type]
 
@@ -128,7 +141,7 @@ class StreamSubscription(Subscription):
         except StopIteration:
             if self.busy:  # a suspended send finished: write what accumulated meanwhile
                 self.busy = False
-                self.wake()
+                self.catch_up()
             return True
         except BaseException as exc:  # the server refused the send: the connection is gone
             self.busy = False
