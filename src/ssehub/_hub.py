@@ -41,6 +41,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger("ssehub.hub")
 
 REPLAY_PAGE_SIZE: Final = 1000
+_JSON: Final = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+"""Compact JSON for event data (one encoder: json.dumps with options builds one per call)."""
 _EVENT_ID: Final = re.compile(r"[0-9]{1,19}")
 
 HubState = Literal["new", "running", "draining", "closed"]
@@ -281,7 +283,7 @@ class Hub:
             text = raw_data
         else:
             try:
-                text = json.dumps(data, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+                text = _JSON.encode(data)
             except (TypeError, ValueError) as exc:
                 raise InvalidEventError(f"data is not JSON-serializable: {exc}") from exc
         if len(text) > self.config.max_body_size:
