@@ -143,7 +143,7 @@ class StreamSubscription(Subscription):
                 self.busy = False
                 self.catch_up()
             return True
-        except BaseException as exc:  # the server refused the send: the connection is gone
+        except (Exception, asyncio.CancelledError) as exc:  # the send failed: connection gone
             self.busy = False
             logger.debug("send failed: %r", exc)
             self.close(DisconnectReason.CLIENT_GONE)
