@@ -14,19 +14,24 @@ from ssehub._exceptions import BackendError, BackendUnavailableError, HistoryGon
 from ssehub._models import Event, NewEvent
 from ssehub.backends import EventLog, Retention, SupportsHealth
 from ssehub.backends.memory import MemoryEventLog
+from ssehub.backends.redis import RedisStreamsEventLog
 from ssehub.backends.sqlite import SQLiteEventLog
 
-AnyLog = MemoryEventLog | SQLiteEventLog
+AnyLog = MemoryEventLog | SQLiteEventLog | RedisStreamsEventLog
 LogFactory = Callable[..., Awaitable[AnyLog]]
 
 
-def _guard(m: MemoryEventLog, s: SQLiteEventLog) -> tuple[EventLog, EventLog]:
-    """Static interface check (mypy): both classes satisfy the EventLog protocol."""
-    return m, s
+def _guard(
+    m: MemoryEventLog, s: SQLiteEventLog, r: RedisStreamsEventLog
+) -> tuple[EventLog, EventLog, EventLog]:
+    """Static interface check (mypy): every class satisfies the EventLog protocol."""
+    return m, s, r
 
 
-def _health_guard(m: MemoryEventLog, s: SQLiteEventLog) -> tuple[SupportsHealth, SupportsHealth]:
-    return m, s
+def _health_guard(
+    m: MemoryEventLog, s: SQLiteEventLog, r: RedisStreamsEventLog
+) -> tuple[SupportsHealth, SupportsHealth, SupportsHealth]:
+    return m, s, r
 
 
 class FakeClock:
@@ -39,7 +44,7 @@ class FakeClock:
         return self.now
 
 
-@pytest.fixture(params=["memory", "sqlite"])
+@pytest.fixture(params=["memory", "sqlite", pytest.param("redis", marks=pytest.mark.redis)])
 async def make_log(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[LogFactory]:
     """Build started logs of the parametrized kind; all are closed after the test."""
     logs: list[AnyLog] = []
@@ -51,6 +56,11 @@ async def make_log(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncItera
         log: AnyLog
         if request.param == "memory":
             log = MemoryEventLog(retention, clock=clock)
+        elif request.param == "redis":
+            # Each log its own sequence, under this test's prefix (deleted afterwards).
+            url = request.getfixturevalue("redis_url")
+            prefix = f"{request.getfixturevalue('redis_prefix')}:{next(numbers)}"
+            log = RedisStreamsEventLog(url, prefix=prefix, retention=retention, clock=clock)
         else:
             log = SQLiteEventLog(str(tmp_path / f"log{next(numbers)}.db"), retention, clock=clock)
         logs.append(log)

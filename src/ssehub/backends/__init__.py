@@ -1,6 +1,6 @@
 """Backend roles as small Protocols, and ``open_event_log(url)``.
 
-* :class:`EventLog` assigns ids, stores events and replays them (memory, SQLite).
+* :class:`EventLog` assigns ids, stores events and replays them (memory, SQLite, Redis).
 * Backplanes (moving live events between hub processes) come with the Redis backend.
 
 Implementations live side by side in this package and are imported lazily, so a
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from typing import Protocol, runtime_checkable
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, urlsplit, urlunsplit
 
 from .._exceptions import ConfigError
 from .._models import Event, NewEvent, Topic
@@ -112,12 +112,16 @@ class SupportsSize(Protocol):
 
 
 def open_event_log(url: str, retention: Retention | None = None) -> EventLog:
-    """Create an EventLog from a URL: ``memory://`` or ``sqlite:///path/to/file.db``.
+    """Create an EventLog from a URL: ``memory://``, ``sqlite:///path/to/file.db`` or
+    ``redis://host:port/db`` (``rediss://`` for TLS; needs ``pip install 'ssehub[redis]'``).
 
-    Query parameters override retention: ``?max_events=1000&max_age=3600``.
+    Query parameters override retention: ``?max_events=1000&max_age=3600``; Redis URLs
+    also take ``prefix`` (the key prefix, default ``ssehub``).
     """
     parts = urlsplit(url)
     query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
+    is_redis = parts.scheme in ("redis", "rediss")
+    prefix = query.pop("prefix", "ssehub") if is_redis else "ssehub"
     retention = retention or Retention()
     try:
         retention = Retention(
@@ -143,7 +147,20 @@ def open_event_log(url: str, retention: Retention | None = None) -> EventLog:
         from .sqlite import SQLiteEventLog
 
         return SQLiteEventLog(path, retention=retention)
+    if is_redis:
+        try:
+            from .redis import RedisStreamsEventLog
+        except ModuleNotFoundError as exc:
+            if not (exc.name or "").startswith("redis"):
+                raise
+            raise ConfigError(
+                f"the Redis backend ({url!r}) needs redis-py: pip install 'ssehub[redis]'"
+            ) from exc
+        if not prefix:
+            raise ConfigError(f"the Redis key prefix must not be empty in {url!r}")
+        server_url = urlunsplit(parts._replace(query=""))
+        return RedisStreamsEventLog(server_url, prefix=prefix, retention=retention)
     raise ConfigError(
         f"unknown backend URL scheme {parts.scheme!r} in {url!r}; "
-        "use memory:// or sqlite:///path.db"
+        "use memory://, sqlite:///path.db or redis://host:port/db"
     )
