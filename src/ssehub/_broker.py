@@ -53,6 +53,10 @@ class Broker:
         for channel in touched:
             channel.wake_all()
 
+    def topics(self) -> list[str]:
+        """The topics that have a channel (subscribers) now."""
+        return list(self._channels)
+
     def channel(self, topic: str) -> Channel | None:
         return self._channels.get(topic)
 

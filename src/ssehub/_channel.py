@@ -32,11 +32,17 @@ class DisconnectReason(enum.Enum):
     LIFETIME = "lifetime"
     OVERLOADED = "overloaded"
     ERROR = "error"
+    RESYNC = "resync"
 
     @property
     def notify_client(self) -> bool:
         """Whether the client should get a final ``event: disconnect``."""
-        return self in (DisconnectReason.SLOW, DisconnectReason.SHUTDOWN, DisconnectReason.LIFETIME)
+        return self in (
+            DisconnectReason.SLOW,
+            DisconnectReason.SHUTDOWN,
+            DisconnectReason.LIFETIME,
+            DisconnectReason.RESYNC,
+        )
 
 
 class Channel:

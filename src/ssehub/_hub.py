@@ -9,7 +9,7 @@ import logging
 import random
 import re
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final, Literal
@@ -32,7 +32,15 @@ from ._exceptions import (
 from ._metrics import HubMetrics
 from ._models import Event, NewEvent, validate_event_name, validate_retry, validate_topic
 from ._stream import StreamSubscription
-from .backends import EventLog, Retention, SupportsHealth, SupportsSize, open_event_log
+from .backends import (
+    Backplane,
+    EventLog,
+    Retention,
+    SupportsBackplane,
+    SupportsHealth,
+    SupportsSize,
+    open_event_log,
+)
 
 if TYPE_CHECKING:
     from fastapi import APIRouter, FastAPI
@@ -41,6 +49,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger("ssehub.hub")
 
 REPLAY_PAGE_SIZE: Final = 1000
+ACK_TIMEOUT: Final = 2.0
+"""Shared log: longest a publish waits for its event to come back through the backplane."""
 _JSON: Final = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
 """Compact JSON for event data (one encoder: json.dumps with options builds one per call)."""
 _EVENT_ID: Final = re.compile(r"[0-9]{1,19}")
@@ -121,6 +131,10 @@ class Hub:
             OrderedDict()
         )
         self._router: APIRouter | None = None
+        self._backplane: Backplane | None = None
+        self._acks: deque[tuple[int, list[tuple[asyncio.Future[Event], Event]]]] = deque()
+        """Shared log: publishes stored but not yet back through the backplane."""
+        self._head_waiters: list[tuple[int, asyncio.Future[None]]] = []
         self.metrics = HubMetrics(self.statistics, self._live_deliveries)
         """Prometheus metrics of this hub (``/metrics`` renders them)."""
 
@@ -145,6 +159,17 @@ class Hub:
         self._idle = asyncio.Event()
         self._idle.set()
         self._tasks.append(asyncio.create_task(self._append_loop(), name="ssehub-appender"))
+        if isinstance(self._log, SupportsBackplane):
+            # A shared log: every event, this node's own included, reaches the rings
+            # through the backplane, so all nodes deliver in the same (id) order.
+            self._broker.head = await self._log.current_head()
+            self._backplane = self._log.backplane()
+            feed = self._backplane.run(
+                self._broker.head, self._deliver, self._broker.topics, self._lost
+            )
+            self._tasks.append(asyncio.create_task(feed, name="ssehub-backplane"))
+            async with asyncio.timeout(ACK_TIMEOUT * 5):
+                await self._backplane.wait_connected()
         if self.config.heartbeat_interval > 0 or self.config.write_timeout > 0:
             self._tasks.append(asyncio.create_task(self._ticker(), name="ssehub-ticker"))
         self._state = "running"
@@ -375,15 +400,80 @@ class Hub:
                         future.set_exception(error)
                 continue
             self._published += len(events)
-            metrics = self.metrics
-            metrics.published(len(events))
-            self._broker.publish_local(events)
-            # One observation per batch: the time until the fan-out wrote its newest
-            # event to every stream that was ready (streams catching up observe their own).
-            metrics.latency(time.time() - events[-1].time)
-            for (_, future), stored in zip(batch, events, strict=True):
+            self.metrics.published(len(events))
+            done = [(future, stored) for (_, future), stored in zip(batch, events, strict=True)]
+            if self._backplane is not None:
+                # Acknowledge once the backplane brought the batch back to this node's
+                # rings (a client may resume here with the id at once), or after
+                # ACK_TIMEOUT at the latest: the events are stored either way.
+                self._acks.append((events[-1].id, done))
+                if self._broker.head >= events[-1].id:  # it came back before we got here
+                    self._acknowledge(self._broker.head)
+                else:
+                    assert self._loop is not None
+                    self._loop.call_later(ACK_TIMEOUT, self._acknowledge, events[-1].id)
+                continue
+            self._deliver(events, events[-1].id)
+            for future, stored in done:
                 if not future.done():
                     future.set_result(stored)
+
+    def _deliver(self, events: list[Event], through: int) -> None:
+        """Hand events (in id order) to the rings and the live streams; every id up to
+        ``through`` has now been delivered."""
+        broker = self._broker
+        if events:
+            broker.publish_local(events)
+            # One observation per batch: the time until the fan-out wrote its newest
+            # event to every stream that was ready (streams catching up observe theirs).
+            self.metrics.latency(time.time() - events[-1].time)
+        if through > broker.head:
+            broker.head = through
+        head = broker.head
+        if self._acks:
+            self._acknowledge(head)
+        if self._head_waiters:
+            waiting = []
+            for target, waiter in self._head_waiters:
+                if target <= head or waiter.done():
+                    if not waiter.done():
+                        waiter.set_result(None)
+                else:
+                    waiting.append((target, waiter))
+            self._head_waiters = waiting
+
+    def _acknowledge(self, through: int) -> None:
+        acks = self._acks
+        while acks and acks[0][0] <= through:
+            for future, stored in acks.popleft()[1]:
+                if not future.done():
+                    future.set_result(stored)
+
+    def _lost(self, topics: Sequence[str], error: HistoryGoneError) -> None:
+        """The backplane missed events the log no longer holds: streams of those topics
+        reconnect and resume from the log, where they get an honest reset."""
+        logger.error(
+            "backplane lost events", extra={"topics": list(topics), "reason": error.reason}
+        )
+        lost = set(topics)
+        for sub in list(self._broker.subscriptions):
+            if lost.intersection(sub.topics):
+                sub.close(DisconnectReason.RESYNC)
+
+    async def catch_up_to(self, last_event_id: str | None, timeout: float = ACK_TIMEOUT) -> None:
+        """With a shared log, wait (up to ``timeout``) until this node's rings reach a
+        client's resume point, which another node may have handed out a moment ago."""
+        if self._backplane is None or not last_event_id or not last_event_id.isdigit():
+            return
+        target = int(last_event_id)
+        if target <= self._broker.head:
+            return
+        assert self._loop is not None
+        waiter: asyncio.Future[None] = self._loop.create_future()
+        self._head_waiters.append((target, waiter))
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                await waiter
 
     # -- subscribe ------------------------------------------------------------------
 
@@ -532,6 +622,7 @@ class Hub:
         """
         from fastapi.sse import ServerSentEvent
 
+        await self.catch_up_to(last_event_id)
         sub, plan = self.open_subscription(topics, last_event_id)
         try:
             if plan.reset is not None:
@@ -612,6 +703,7 @@ class Hub:
         ``config.poll_batch`` events per answer; a backlog comes over several polls.
         """
         limit = self.config.poll_batch
+        await self.catch_up_to(last_event_id)
         sub, plan = self.open_subscription(topics, last_event_id, peer=peer)
         try:
             if plan.reset is not None:

@@ -46,6 +46,7 @@ CLOSE_REASONS: Final = (
     "shutdown",
     "overloaded",
     "error",
+    "resync",
 )
 """Label values of ``ssehub_streams_closed_total``; each series exists from the start."""
 

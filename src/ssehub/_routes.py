@@ -170,7 +170,10 @@ class EventsEndpoint:
         self.hub = hub
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        response = self.respond(Request(scope))
+        request = Request(scope)
+        await self.hub.catch_up_to(last_event_id_of(request))
+        response = self.respond(request)
+        del request
         await response(scope, receive, send)
 
     def respond(self, request: Request) -> Response:

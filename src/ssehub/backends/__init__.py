@@ -9,16 +9,18 @@ backend's driver is only needed when its URL scheme is used.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Protocol, runtime_checkable
 from urllib.parse import parse_qs, urlsplit, urlunsplit
 
-from .._exceptions import ConfigError
+from .._exceptions import ConfigError, HistoryGoneError
 from .._models import Event, NewEvent, Topic
 
 __all__ = [
+    "Backplane",
     "EventLog",
     "Retention",
+    "SupportsBackplane",
     "SupportsHealth",
     "SupportsSize",
     "open_event_log",
@@ -101,6 +103,45 @@ class SupportsHealth(Protocol):
 
     async def check_ready(self) -> None:
         """Return if the backend answers; raise BackendUnavailableError otherwise."""
+
+
+class Backplane(Protocol):
+    """Moves live events between hub processes that share one event log.
+
+    ``run`` delivers every event appended by any node after ``start_after``, in id
+    order and without gaps, to ``deliver(events, through)`` (a plain callback: it must
+    not block; ``through`` is the id up to which everything has been delivered), until
+    cancelled. Gaps (a reconnect, a dropped message) are filled from the log for the
+    topics ``topics()`` names; when the log no longer holds them, ``on_gap`` is told.
+    """
+
+    last_id: int
+
+    @property
+    def connected(self) -> bool:
+        """Whether it listens now."""
+
+    async def wait_connected(self) -> None:
+        """Return once it listens (events appended from then on will arrive)."""
+
+    async def run(
+        self,
+        start_after: int,
+        deliver: Callable[[list[Event], int], None],
+        topics: Callable[[], Sequence[Topic]],
+        on_gap: Callable[[Sequence[Topic], HistoryGoneError], None],
+    ) -> None: ...
+
+
+@runtime_checkable
+class SupportsBackplane(Protocol):
+    """Optional: a shared log whose appends other nodes must see (Redis)."""
+
+    def backplane(self) -> Backplane:
+        """A new backplane reading this log's announcements."""
+
+    async def current_head(self) -> int:
+        """The newest id any node has appended (``head()`` is this node's view)."""
 
 
 @runtime_checkable

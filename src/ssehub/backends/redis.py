@@ -39,7 +39,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
 
-from .._exceptions import BackendError, BackendUnavailableError, ConfigError
+from .._exceptions import BackendError, BackendUnavailableError, ConfigError, HistoryGoneError
 from .._models import Event, NewEvent, Topic
 from . import Retention
 from .memory import _check_bounds, _check_limit, _trimmed
@@ -486,6 +486,10 @@ class RedisStreamsEventLog:
             raise BackendError("the Redis event log is not started; call start() first")
         return self._client
 
+    def backplane(self) -> RedisStreamsBackplane:
+        """A backplane that feeds this node every node's appends (SupportsBackplane)."""
+        return RedisStreamsBackplane(self)
+
     def topic_key(self, topic: Topic) -> str:
         """The key of ``topic``'s stream."""
         return self._stream_prefix + topic
@@ -787,3 +791,116 @@ def _decode_entry(entry: list[Any]) -> Event:
         None if retry is None else int(retry),
         float(fields[b"ts"]),
     )
+
+
+BACKPLANE_PAGE: Final = 1000
+"""Events read per page when a backplane fills a gap from the streams."""
+RECONNECT_DELAYS: Final = (0.1, 0.25, 0.5, 1.0, 2.0)
+"""Back-off between backplane reconnects (the last one repeats)."""
+
+
+@final
+class RedisStreamsBackplane:
+    """Carries every node's appends to this node, in id order, without gaps.
+
+    Every append announces its batch on the log's pub/sub channel, and the ids of all
+    nodes form one gapless sequence, so a gap in what arrives is always visible: after a
+    reconnect (pub/sub drops messages while a connection is down) or a dropped message,
+    the missing events are read from the streams before anything newer is delivered.
+    Only the topics the node has subscribers on are read (``topics()``); if the streams no
+    longer hold what was missed, ``on_gap`` is told which topics lost events.
+    """
+
+    def __init__(self, log: RedisStreamsEventLog) -> None:
+        self._log = log
+        self.last_id = 0
+        """The newest id delivered (every id up to it has been seen or filled)."""
+        self._connected = asyncio.Event()
+
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
+
+    async def wait_connected(self) -> None:
+        """Return once the backplane listens (events appended from now on arrive)."""
+        await self._connected.wait()
+
+    async def run(
+        self,
+        start_after: int,
+        deliver: Callable[[list[Event], int], None],
+        topics: Callable[[], Sequence[Topic]],
+        on_gap: Callable[[Sequence[Topic], HistoryGoneError], None],
+    ) -> None:
+        """Deliver every event after ``start_after`` forever (cancel to stop).
+
+        ``deliver(events, through)``: ``events`` (maybe none) and the id through which
+        everything has now been delivered (events of topics without subscribers are
+        skipped when filling a gap, yet count as seen).
+        """
+        self.last_id = start_after
+        failures = 0
+        while True:
+            pubsub = self._log.client.pubsub(ignore_subscribe_messages=True)
+            try:
+                await pubsub.subscribe(self._log.channel)
+                self._connected.set()
+                failures = 0
+                # Whatever was announced while we were not listening comes from the log.
+                await self._fill(await self._log.current_head(), deliver, topics, on_gap)
+                while True:
+                    message = await pubsub.get_message(timeout=None)
+                    if message is None or message["type"] != "message":
+                        continue
+                    events = decode_announcement(message["data"])
+                    if not events or events[-1].id <= self.last_id:
+                        continue
+                    if events[0].id > self.last_id + 1:
+                        await self._fill(events[0].id - 1, deliver, topics, on_gap)
+                    fresh = [e for e in events if e.id > self.last_id]
+                    self.last_id = events[-1].id
+                    deliver(fresh, self.last_id)
+            except (redis_errors.RedisError, OSError, BackendError) as exc:
+                self._connected.clear()
+                delay = RECONNECT_DELAYS[min(failures, len(RECONNECT_DELAYS) - 1)]
+                failures += 1
+                logger.warning(
+                    "backplane connection lost; reconnecting",
+                    extra={"error": repr(exc), "retry_in_s": delay},
+                )
+                await asyncio.sleep(delay)
+            finally:
+                self._connected.clear()
+                with suppress(Exception):
+                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+
+    async def _fill(
+        self,
+        upto: int,
+        deliver: Callable[[list[Event], int], None],
+        topics: Callable[[], Sequence[Topic]],
+        on_gap: Callable[[Sequence[Topic], HistoryGoneError], None],
+    ) -> None:
+        """Deliver the events of ``topics()`` in ``(last_id, upto]`` from the streams."""
+        while self.last_id < upto:
+            wanted = list(topics())
+            if not wanted:
+                self.last_id = upto
+                deliver([], upto)
+                return
+            try:
+                page = await self._log.read_after(wanted, self.last_id, limit=BACKPLANE_PAGE)
+            except HistoryGoneError as exc:
+                if exc.reason != "trimmed" and exc.reason != "unknown":
+                    raise
+                self.last_id = upto
+                deliver([], upto)
+                on_gap(wanted, exc)
+                return
+            page = [e for e in page if e.id <= upto]
+            if len(page) < BACKPLANE_PAGE:
+                self.last_id = upto
+                deliver(page, upto)
+                return
+            self.last_id = page[-1].id
+            deliver(page, self.last_id)
