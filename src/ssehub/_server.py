@@ -3,6 +3,8 @@
 * :class:`HubServer` drains the hub's streams on SIGTERM/Ctrl+C (uvicorn waits for open
   responses before the app's shutdown runs, and streams never end by themselves) and
   exits with status 0 after a graceful shutdown.
+* :func:`run_hub` runs one hub process; :func:`run_workers` runs several on one port
+  (they must share a Redis log).
 * :class:`HubHttpToolsProtocol` hands each request's transport and send to the hub
   through a scope extension, so a stream whose client stopped reading is aborted at once
   instead of waiting for a write buffer that never drains, and deliveries skip the
@@ -12,19 +14,32 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
+import multiprocessing
+import multiprocessing.process
+import os
 import signal
+import socket
+import sys
 import threading
+import time
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from functools import partial
 from types import FrameType
-from typing import Any
+from typing import Any, Final
 
 import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
+from ._config import DEFAULT_SHUTDOWN_GRACE, HubConfig
+from ._exceptions import ConfigError
 from ._hub import Hub
+from ._logging import LogFormat
 from ._responses import TRANSPORT_EXTENSION
+
+logger = logging.getLogger("ssehub.server")
 
 KEEP_ALIVE_TIMEOUT = 65
 """Seconds an idle keep-alive connection is kept; above common proxy/LB idle timeouts."""
@@ -99,3 +114,107 @@ def server_config(app: Any, hub: Hub, **options: Any) -> uvicorn.Config:
         "timeout_graceful_shutdown", max(1, math.ceil(hub.config.shutdown_grace) + 1)
     )
     return uvicorn.Config(app, **options)
+
+
+@dataclass(frozen=True)
+class HubOptions:
+    """What ``ssehub serve`` was asked to run (picklable, for worker processes)."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    backend: str = "sqlite:///ssehub.db"
+    log_level: str = "info"
+    log_format: LogFormat = "auto"
+    cors_origins: list[str] = field(default_factory=list)
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    def check(self, workers: int) -> None:
+        """Refuse what cannot work, before anything starts (raises a HubError)."""
+        HubConfig.from_settings(**self.settings)
+        scheme = self.backend.partition("://")[0]
+        if workers > 1 and scheme not in SHARED_SCHEMES:
+            raise ConfigError(
+                f"--workers {workers} needs an event log that processes share: use "
+                f"--backend redis://host:6379/0 ({scheme}:// belongs to one process, and "
+                "each worker would hand out its own ids and miss the others' events)"
+            )
+
+
+SHARED_SCHEMES: Final = ("redis", "rediss")
+
+
+def run_hub(options: HubOptions, sockets: list[socket.socket] | None = None) -> int:
+    """Run one hub process until SIGTERM/SIGINT; return its exit status."""
+    from ._app import create_app
+    from ._logging import configure_logging
+
+    configure_logging(options.log_level, options.log_format)
+    hub = Hub(options.backend, **options.settings)
+    app = create_app(hub, cors_origins=options.cors_origins)
+    config = server_config(
+        app,
+        hub,
+        host=options.host,
+        port=options.port,
+        log_level=options.log_level,
+        log_config=None,
+    )
+    server = HubServer(config, hub)
+    server.run(sockets=sockets)
+    return 0 if server.started else 1
+
+
+def _worker(options: HubOptions, sock: socket.socket) -> None:
+    sys.exit(run_hub(options, [sock]))
+
+
+def run_workers(options: HubOptions, workers: int) -> int:
+    """Run ``workers`` hub processes on one listening socket (they share a Redis log).
+
+    The parent binds the port, starts the workers, restarts one that dies, and on
+    SIGTERM/SIGINT passes the signal on (each worker drains its streams) and waits.
+    """
+    from ._logging import configure_logging
+
+    configure_logging(options.log_level, options.log_format)
+    config = uvicorn.Config("ssehub:create_app", host=options.host, port=options.port)
+    sock = config.bind_socket()
+    host, port = sock.getsockname()[:2]
+    logger.info("ssehub serving", extra={"url": f"http://{host}:{port}", "workers": workers})
+    context = multiprocessing.get_context("spawn")
+    stopping = threading.Event()
+
+    def start() -> multiprocessing.process.BaseProcess:
+        process = context.Process(target=_worker, args=(options, sock), daemon=False)
+        process.start()
+        return process
+
+    def stop(sig: int, frame: FrameType | None) -> None:
+        stopping.set()
+
+    processes = [start() for _ in range(workers)]
+    previous = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        while not stopping.wait(0.5):
+            for index, process in enumerate(processes):
+                if not process.is_alive() and not stopping.is_set():
+                    logger.warning(
+                        "worker exited; starting another",
+                        extra={"pid": process.pid, "exitcode": process.exitcode},
+                    )
+                    processes[index] = start()
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        for process in processes:
+            if process.is_alive() and process.pid is not None:
+                os.kill(process.pid, signal.SIGTERM)
+        grace = float(options.settings.get("shutdown_grace", DEFAULT_SHUTDOWN_GRACE)) + 5
+        deadline = time.monotonic() + grace
+        for process in processes:
+            process.join(max(0.0, deadline - time.monotonic()))
+            if process.is_alive():
+                process.kill()
+                process.join()
+        sock.close()
+    return 0

@@ -23,7 +23,6 @@ from ._config import (
     DEFAULT_SHUTDOWN_GRACE,
     DEFAULT_WRITE_TIMEOUT,
 )
-from ._hub import Hub
 from ._logging import LogFormat
 
 DEFAULT_URL = "http://127.0.0.1:8000"
@@ -58,6 +57,12 @@ def _option(*decls: str, **kwargs: Any) -> Callable[[Callable[..., Any]], Callab
 @main.command()
 @_option("--host", default="127.0.0.1", help="Interface to listen on (0.0.0.0 for all).")
 @_option("--port", default=8000, type=int, help="TCP port to listen on (0 picks a free one).")
+@_option(
+    "--workers",
+    default=1,
+    type=int,
+    help="Worker processes sharing the port; more than one needs --backend redis://.",
+)
 @_option(
     "--backend",
     default="sqlite:///ssehub.db",
@@ -170,6 +175,7 @@ def _option(*decls: str, **kwargs: Any) -> Callable[[Callable[..., Any]], Callab
 def serve(
     host: str,
     port: int,
+    workers: int,
     backend: str,
     log_level: str,
     log_format: LogFormat,
@@ -183,22 +189,27 @@ def serve(
     `curl -d 'hello' http://127.0.0.1:8000/topics/demo/events`. Every option can also be
     set through the environment variable shown with it.
     """
-    from ._app import create_app
     from ._exceptions import HubError
-    from ._logging import configure_logging
-    from ._server import HubServer, server_config
+    from ._server import HubOptions, run_hub, run_workers
 
-    configure_logging(log_level, log_format)
+    options = HubOptions(
+        host=host,
+        port=port,
+        backend=backend,
+        log_level=log_level,
+        log_format=log_format,
+        cors_origins=list(cors_origins),
+        settings={"heartbeat_interval": heartbeat, **settings},
+    )
+    if workers < 1:
+        raise click.BadParameter("must be at least 1", param_hint="--workers")
     try:
-        hub = Hub(backend, heartbeat_interval=heartbeat, **settings)
+        options.check(workers)
     except HubError as exc:
         raise click.UsageError(str(exc)) from exc
-    app = create_app(hub, cors_origins=list(cors_origins))
-    config = server_config(app, hub, host=host, port=port, log_level=log_level, log_config=None)
-    server = HubServer(config, hub)
-    server.run()
-    if not server.started:
-        sys.exit(1)
+    code = run_hub(options) if workers == 1 else run_workers(options, workers)
+    if code:
+        sys.exit(code)
 
 
 @main.command()
