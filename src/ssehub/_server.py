@@ -33,7 +33,7 @@ from typing import Any, Final
 import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
-from ._config import DEFAULT_SHUTDOWN_GRACE, HubConfig
+from ._config import DEFAULT_SHUTDOWN_GRACE
 from ._exceptions import ConfigError
 from ._hub import Hub
 from ._logging import LogFormat
@@ -130,7 +130,7 @@ class HubOptions:
 
     def check(self, workers: int) -> None:
         """Refuse what cannot work, before anything starts (raises a HubError)."""
-        HubConfig.from_settings(**self.settings)
+        Hub(self.backend, **self.settings)  # validates the URL and every setting; opens nothing
         scheme = self.backend.partition("://")[0]
         if workers > 1 and scheme not in SHARED_SCHEMES:
             raise ConfigError(
