@@ -19,6 +19,7 @@ from ._channel import DisconnectReason, Lagged, Subscription
 from ._config import DEFAULT_BACKEND, HubConfig
 from ._exceptions import (
     BackendError,
+    BackendUnavailableError,
     CapacityError,
     ClientLimitError,
     ConfigError,
@@ -395,6 +396,11 @@ class Hub:
                 if error is not exc:
                     error.__cause__ = exc
                 logger.error("append failed", extra={"error": str(error)})
+                if isinstance(error, BackendUnavailableError):
+                    # What queued up meanwhile would wait for a backend that just failed
+                    # to answer: fail it now too, so publishes fail fast, not one by one.
+                    batch += pending
+                    pending.clear()
                 for _, future in batch:
                     if not future.done():
                         future.set_exception(error)

@@ -50,7 +50,7 @@ logger = logging.getLogger("ssehub.backends.redis")
 
 DEFAULT_URL: Final = "redis://127.0.0.1:6379/0"
 
-SOCKET_TIMEOUT: Final = 2.0
+SOCKET_TIMEOUT: Final = 1.5
 """Seconds to connect, and to wait for any reply, before Redis counts as unavailable."""
 
 READY_TIMEOUT: Final = 1.0
