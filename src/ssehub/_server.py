@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import math
 import multiprocessing
@@ -85,6 +86,16 @@ class HubServer(uvicorn.Server):
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         self.hub.begin_drain()
         super().handle_exit(sig, frame)
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        # Everything imported and built so far (FastAPI, pydantic, the app) lives as long
+        # as the process: move it out of the cyclic collector's reach, so a full
+        # collection walks only what streams and requests create, and its pauses stay
+        # short next to the fan-out (a rate ramp at 1,000 streams stalled 80-100 ms with
+        # the collector on and not with it off).
+        gc.collect()
+        gc.freeze()
 
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
