@@ -10,7 +10,7 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ._hub import Hub
-from ._routes import EventsEndpoint
+from ._routes import EVENTS_SUFFIX, TOPICS_PREFIX, EventsEndpoint, PublishEndpoint
 
 CORS_REQUEST_HEADERS = ("Last-Event-ID", "Authorization", "Content-Type", "Idempotency-Key")
 
@@ -36,6 +36,7 @@ def create_app(
     app.state.hub = hub
     app.include_router(hub.router)
     events: ASGIApp = EventsEndpoint(hub)
+    publish: ASGIApp = PublishEndpoint(hub)
     origins = list(dict.fromkeys(cors_origins))
     if origins:
         wildcard = "*" in origins
@@ -48,28 +49,42 @@ def create_app(
         }
         app.add_middleware(CORSMiddleware, **cors)
         events = CORSMiddleware(events, **cors)
+        publish = CORSMiddleware(publish, **cors)
     app.events_endpoint = events
+    app.publish_endpoint = publish
     app.own_middleware = len(app.user_middleware)
     return app
 
 
 class HubApp(FastAPI):
-    """The standalone app. ``GET /events`` skips FastAPI's middleware and routing stack
-    and goes straight to the stream endpoint (through CORS when configured): the frames
-    and objects a framework keeps alive for a request are paid per open stream. Once
-    someone adds a middleware of their own, streams take the normal path through it."""
+    """The standalone app. ``GET /events`` and ``POST /topics/{topic}/events`` skip
+    FastAPI's middleware and routing stack and go straight to bare endpoints (through
+    CORS when configured): the frames and objects a framework keeps alive for a request
+    are paid per open stream, and its routing per publish. Once someone adds a middleware
+    of their own, every request takes the normal path through it."""
 
     events_endpoint: ASGIApp | None = None
+    publish_endpoint: ASGIApp | None = None
     own_middleware = 0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if (
             self.events_endpoint is not None
-            and len(self.user_middleware) == self.own_middleware
+            and self.publish_endpoint is not None
             and scope["type"] == "http"
-            and scope["path"] == "/events"
-            and scope["method"] == "GET"
+            and len(self.user_middleware) == self.own_middleware
         ):
-            await self.events_endpoint(scope, receive, send)
-            return
+            path: str = scope["path"]
+            method = scope["method"]
+            if path == "/events" and method == "GET":
+                await self.events_endpoint(scope, receive, send)
+                return
+            if (
+                method == "POST"
+                and path.startswith(TOPICS_PREFIX)
+                and path.endswith(EVENTS_SUFFIX)
+                and len(path) > len(TOPICS_PREFIX) + len(EVENTS_SUFFIX)
+            ):
+                await self.publish_endpoint(scope, receive, send)
+                return
         await super().__call__(scope, receive, send)

@@ -163,6 +163,40 @@ def poll_item(item: Event | ResetNotice) -> dict[str, Any]:
     }
 
 
+async def publish_response(hub: Hub, topic: str, request: Request) -> Response:
+    """``POST /topics/{topic}/events``: validate, append, answer 201 (or a JSON error)."""
+    key = request.headers.get("idempotency-key")
+    try:
+        if key is not None and not 1 <= len(key) <= 255:
+            raise InvalidRequestError("Idempotency-Key must be 1-255 characters")
+        body = await read_body(request, hub.config.max_body_size)
+        fields = parse_publish(
+            body, request.headers.get("content-type", ""), dict(request.query_params)
+        )
+        stored = await hub.append(hub.prepare(topic, **fields), idempotency_key=key)
+    except HubError as exc:
+        return error_response(exc)
+    return JSONResponse({"id": stored.event_id, "topic": stored.topic}, status_code=201)
+
+
+class PublishEndpoint:
+    """``POST /topics/{topic}/events`` as a bare ASGI app, for the standalone app's fast
+    dispatch (the router keeps the FastAPI route, with its OpenAPI entry)."""
+
+    def __init__(self, hub: Hub) -> None:
+        self.hub = hub
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path: str = scope["path"]
+        topic = path[len(TOPICS_PREFIX) : -len(EVENTS_SUFFIX)]
+        response = await publish_response(self.hub, topic, Request(scope, receive))
+        await response(scope, receive, send)
+
+
+TOPICS_PREFIX: Final = "/topics/"
+EVENTS_SUFFIX: Final = "/events"
+
+
 class EventsEndpoint:
     """``GET /events``: the SSE stream, as a bare ASGI app (see :func:`build_router`)."""
 
@@ -246,18 +280,7 @@ def build_router(hub: Hub) -> APIRouter:
         summary="Publish an event (JSON {data, event?, retry?} or a text/plain body)",
     )
     async def publish(topic: str, request: Request) -> Response:
-        key = request.headers.get("idempotency-key")
-        try:
-            if key is not None and not 1 <= len(key) <= 255:
-                raise InvalidRequestError("Idempotency-Key must be 1-255 characters")
-            body = await read_body(request, hub.config.max_body_size)
-            fields = parse_publish(
-                body, request.headers.get("content-type", ""), dict(request.query_params)
-            )
-            stored = await hub.append(hub.prepare(topic, **fields), idempotency_key=key)
-        except HubError as exc:
-            return error_response(exc)
-        return JSONResponse({"id": stored.event_id, "topic": stored.topic}, status_code=201)
+        return await publish_response(hub, topic, request)
 
     @router.get("/health/stream-capacity", summary="Open streams, limits and transport advice")
     async def stream_capacity() -> dict[str, Any]:
