@@ -68,6 +68,7 @@ class HubApp(FastAPI):
     own_middleware = 0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        # (async on purpose: servers tell ASGI 3 apps by a coroutine __call__)
         if (
             self.events_endpoint is not None
             and self.publish_endpoint is not None

@@ -466,14 +466,23 @@ class Hub:
             if lost.intersection(sub.topics):
                 sub.close(DisconnectReason.RESYNC)
 
+    def must_catch_up(self, last_event_id: str | None) -> bool:
+        """Whether a resume point is beyond what this node's rings have (shared log)."""
+        return (
+            self._backplane is not None
+            and bool(last_event_id)
+            and last_event_id.isdigit()  # type: ignore[union-attr]
+            and len(last_event_id) <= 19  # type: ignore[arg-type]
+            and int(last_event_id) > self._broker.head  # type: ignore[arg-type]
+        )
+
     async def catch_up_to(self, last_event_id: str | None, timeout: float = ACK_TIMEOUT) -> None:
         """With a shared log, wait (up to ``timeout``) until this node's rings reach a
         client's resume point, which another node may have handed out a moment ago."""
-        if self._backplane is None or not last_event_id or not last_event_id.isdigit():
+        if not self.must_catch_up(last_event_id):
             return
+        assert last_event_id is not None
         target = int(last_event_id)
-        if target <= self._broker.head:
-            return
         assert self._loop is not None
         waiter: asyncio.Future[None] = self._loop.create_future()
         self._head_waiters.append((target, waiter))

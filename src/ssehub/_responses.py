@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Final
 
 from starlette.responses import Response
 from starlette.types import Message, Receive, Scope, Send
@@ -32,7 +32,7 @@ from ._channel import DisconnectReason
 from ._exceptions import HistoryGoneError
 from ._hub import REPLAY_PAGE_SIZE, reset_data
 from ._logging import access_logger
-from ._stream import StreamSubscription
+from ._stream import CONNECTION_EXTENSION, StreamSubscription
 from ._wire import encode_comment, encode_event
 
 if TYPE_CHECKING:
@@ -45,10 +45,6 @@ STREAM_HEADERS: Final = [
     (b"cache-control", b"no-cache, no-transform"),
     (b"x-accel-buffering", b"no"),
 ]
-TRANSPORT_EXTENSION: Final = "ssehub.transport"
-"""Scope extension through which a server hands the hub the connection's transport
-(``{"transport": asyncio.Transport}``, so a stalled stream can be aborted) and, as
-``"send"``, the server's own send for body messages (skipping middleware wrappers)."""
 
 
 def disconnect_chunk(reason: DisconnectReason, retry_ms: int) -> bytes:
@@ -70,7 +66,7 @@ class HubStreamResponse(Response):
         # headers and body; only what Starlette's middleware may read is set.
         self.status_code = 200
         self.background = None
-        self.raw_headers = list(STREAM_HEADERS)
+        self.raw_headers = STREAM_HEADERS  # shared: never modified
         self._hub = hub
         self._sub = sub
         self._plan = plan
@@ -79,30 +75,17 @@ class HubStreamResponse(Response):
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         hub, sub, plan = self._hub, self._sub, self._plan
         config = hub.config
-        extension = scope.get("extensions", {}).get(TRANSPORT_EXTENSION) or {}
-        sub.transport = extension.get("transport")
-        sub.task = asyncio.current_task()
+        sub.connection = scope.get("extensions", {}).get(CONNECTION_EXTENSION)
+        task = sub.task = asyncio.current_task()
         hub.metrics.stream_opened()
         access_logger().info(
             "stream.open", topics=list(sub.topics), client=sub.peer, resume_from=self._resume
         )
-        timeout = config.write_timeout or None
-
-        async def write(chunk: bytes) -> None:
-            # Writes before the stream goes live (first bytes, replay, the final event)
-            # run in this coroutine, each with the write timeout.
-            message: Message = {"type": "http.response.body", "body": chunk, "more_body": True}
-            try:
-                async with asyncio.timeout(timeout):
-                    await send(message)
-            except TimeoutError:
-                sub.close(DisconnectReason.STALLED)
-                raise
-            sub.wrote = True
-            sub.bytes_sent += len(chunk)
-
         try:
-            await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
+            # a fresh list: a middleware (CORS) may add headers to it in place
+            headers = list(STREAM_HEADERS)
+            await send({"type": "http.response.start", "status": 200, "headers": headers})
+            del headers
             preamble = f": ssehub\nretry: {config.retry_ms}\n"
             if plan.fresh:
                 # An id with no data dispatches nothing but sets the client's last event
@@ -111,25 +94,38 @@ class HubStreamResponse(Response):
             first = preamble.encode() + b"\n"
             if plan.reset is not None:
                 first += _reset_chunk(plan.reset, plan.upto)
-            await write(first)
+            await self._write(send, first)
             if plan.replay_after is not None:
                 try:
                     replay = await hub.read_replay(sub.topics, plan.replay_after, plan.upto)
                 except HistoryGoneError as exc:
-                    await write(_reset_chunk(exc, plan.upto))
+                    await self._write(send, _reset_chunk(exc, plan.upto))
                 else:
                     for start in range(0, len(replay), REPLAY_PAGE_SIZE):
                         page = replay[start : start + REPLAY_PAGE_SIZE]
-                        await write(b"".join(encode(e) for e in page))
+                        await self._write(send, b"".join(encode(e) for e in page))
                         sub.events_sent += len(page)
-            # Live: the fan-out writes from now on; this coroutine parks in receive().
-            sub.send = extension.get("send") or send
-            sub.fast_write = extension.get("write")
+                    del replay
+            # Live: the fan-out writes from now on; this coroutine waits in receive(),
+            # which returns when the client leaves; the hub cancels that wait to end the
+            # stream (shutdown, slow, stalled, lifetime).
+            sub.send = send
             sub.live = True
             sub.catch_up()
-            await _park(sub, receive)
+            try:
+                while sub.close_reason is None:
+                    sub.parked = True
+                    message = await receive()
+                    sub.parked = False
+                    if message["type"] == "http.disconnect":
+                        sub.close(DisconnectReason.CLIENT_GONE)
+            except asyncio.CancelledError:
+                sub.parked = False
+                if sub.close_reason is None or task is None:
+                    raise  # not our wake-up: the server is cancelling the request
+                task.uncancel()
             sub.live = False
-            await self._finish(sub, send, write)
+            await self._finish(sub, send)
         except TimeoutError:
             pass  # stalled while this coroutine was writing: aborted below
         finally:
@@ -137,12 +133,26 @@ class HubStreamResponse(Response):
             if sub.close_reason is DisconnectReason.STALLED:
                 # The client stopped reading. Abort the connection when the server lets
                 # us (ssehub serve does): a plain close would wait for the buffer to drain.
-                if sub.transport is not None:
-                    sub.transport.abort()
+                if sub.connection is not None:
+                    sub.connection.abort()
             hub.release(sub)
             self._log_close(sub)
 
-    async def _finish(self, sub: StreamSubscription, send: Send, write: Any) -> None:
+    async def _write(self, send: Send, chunk: bytes) -> None:
+        """A write before the stream goes live or after it ended (first bytes, replay,
+        the final event), by this coroutine, with the write timeout."""
+        sub = self._sub
+        message: Message = {"type": "http.response.body", "body": chunk, "more_body": True}
+        try:
+            async with asyncio.timeout(self._hub.config.write_timeout or None):
+                await send(message)
+        except TimeoutError:
+            sub.close(DisconnectReason.STALLED)
+            raise
+        sub.wrote = True
+        sub.bytes_sent += len(chunk)
+
+    async def _finish(self, sub: StreamSubscription, send: Send) -> None:
         reason = sub.close_reason
         if reason is DisconnectReason.CLIENT_GONE or reason is DisconnectReason.STALLED:
             return
@@ -152,7 +162,7 @@ class HubStreamResponse(Response):
             sub.close_reason = DisconnectReason.STALLED
             return
         if reason is not None and reason.notify_client:
-            await write(disconnect_chunk(reason, self._hub.retry_hint(reason)))
+            await self._write(send, disconnect_chunk(reason, self._hub.retry_hint(reason)))
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
     def _log_close(self, sub: StreamSubscription) -> None:
@@ -170,23 +180,6 @@ class HubStreamResponse(Response):
             bytes=sub.bytes_sent,
             last_id=str(sub.position),
         )
-
-
-async def _park(sub: StreamSubscription, receive: Receive) -> None:
-    """Wait in ``receive()`` until the client leaves or the hub ends the stream."""
-    task = sub.task
-    try:
-        while sub.close_reason is None:
-            sub.parked = True
-            message = await receive()
-            sub.parked = False
-            if message["type"] == "http.disconnect":
-                sub.close(DisconnectReason.CLIENT_GONE)
-    except asyncio.CancelledError:
-        sub.parked = False
-        if sub.close_reason is None or task is None:
-            raise  # not our wake-up: the server is cancelling the request
-        task.uncancel()
 
 
 def _reset_chunk(exc: HistoryGoneError, current: int) -> bytes:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Any, Final
 
 from fastapi import APIRouter, Request
@@ -203,12 +204,17 @@ class EventsEndpoint:
     def __init__(self, hub: Hub) -> None:
         self.hub = hub
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+    def __call__(self, scope: Scope, receive: Receive, send: Send) -> Awaitable[None]:
+        # A plain function returning the response's coroutine: no frame of its own stays
+        # suspended for the stream's lifetime.
         request = Request(scope)
+        if self.hub.must_catch_up(last_event_id_of(request)):
+            return self._after_catch_up(request, receive, send)
+        return self.respond(request)(scope, receive, send)
+
+    async def _after_catch_up(self, request: Request, receive: Receive, send: Send) -> None:
         await self.hub.catch_up_to(last_event_id_of(request))
-        response = self.respond(request)
-        del request
-        await response(scope, receive, send)
+        await self.respond(request)(request.scope, receive, send)
 
     def respond(self, request: Request) -> Response:
         hub = self.hub

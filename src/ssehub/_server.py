@@ -25,20 +25,20 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Iterator
 from dataclasses import dataclass, field
-from functools import partial
 from types import FrameType
 from typing import Any, Final
 
 import uvicorn
+from starlette.types import Message
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
 from ._config import DEFAULT_SHUTDOWN_GRACE
 from ._exceptions import ConfigError
 from ._hub import Hub
 from ._logging import LogFormat
-from ._responses import TRANSPORT_EXTENSION
+from ._stream import CONNECTION_EXTENSION
 
 logger = logging.getLogger("ssehub.server")
 
@@ -46,34 +46,46 @@ KEEP_ALIVE_TIMEOUT = 65
 """Seconds an idle keep-alive connection is kept; above common proxy/LB idle timeouts."""
 
 
-def _write_now(cycle: RequestResponseCycle, body: bytes) -> bool:
-    """Write one more body chunk of a started, chunked response exactly as uvicorn's
-    ``send`` would, but without a coroutine; False when ``send`` would have to wait
-    (the socket is full), so the caller falls back to it."""
-    if cycle.disconnected or cycle.response_complete:
-        return True  # uvicorn's send drops the message too
-    if cycle.flow.write_paused or not cycle.chunked_encoding:
-        return False
-    cycle.transport.write(b"%x\r\n%b\r\n" % (len(body), body))
-    return True
+class UvicornConnection:
+    """What uvicorn's httptools protocol offers a stream beyond ASGI (see
+    :class:`ssehub._stream.Connection`): one small object per request."""
+
+    __slots__ = ("cycle",)
+
+    def __init__(self, cycle: RequestResponseCycle) -> None:
+        self.cycle = cycle
+
+    def write(self, body: bytes) -> bool:
+        """Write one more body chunk of a started, chunked response exactly as uvicorn's
+        ``send`` would, but without a coroutine; False when ``send`` would have to wait
+        (the socket is full), so the caller falls back to it."""
+        cycle = self.cycle
+        if cycle.disconnected or cycle.response_complete:
+            return True  # uvicorn's send drops the message too
+        if cycle.flow.write_paused or not cycle.chunked_encoding:
+            return False
+        cycle.transport.write(b"%x\r\n%b\r\n" % (len(body), body))
+        return True
+
+    def send(self, message: Message) -> Awaitable[None]:
+        """uvicorn's own send, skipping the middleware wrappers (body messages only)."""
+        return self.cycle.send(message)  # type: ignore[arg-type]
+
+    def abort(self) -> None:
+        self.cycle.transport.abort()
 
 
 class HubHttpToolsProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol, adding ``scope["extensions"]["ssehub.transport"]``:
-    the transport (to abort a stalled stream), the cycle's own ``send`` (skipping the
-    middleware wrappers for body messages of a stream whose start went the normal way)
-    and ``write``, which writes a body chunk synchronously while the socket takes it."""
+    """uvicorn's httptools protocol, adding ``scope["extensions"]["ssehub.connection"]``:
+    a :class:`UvicornConnection`, so a stream can write without a coroutine while the
+    socket takes it, skip the middleware wrappers around ``send`` for its body, and
+    abort a stalled connection instead of waiting for a buffer that never drains."""
 
     def on_headers_complete(self) -> None:
         super().on_headers_complete()
         # The request's task is scheduled, not started: it sees this scope entry.
         extensions = self.scope.setdefault("extensions", {})
-        cycle = self.cycle
-        extensions[TRANSPORT_EXTENSION] = {
-            "transport": self.transport,
-            "send": cycle.send,
-            "write": partial(_write_now, cycle),
-        }
+        extensions[CONNECTION_EXTENSION] = UvicornConnection(self.cycle)  # type: ignore[assignment]
 
 
 class HubServer(uvicorn.Server):

@@ -14,11 +14,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Coroutine, Sequence
 from functools import partial
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
-from starlette.types import Send
+from starlette.types import Message, Send
 
 from ._channel import DisconnectReason, Lagged, Subscription
 from ._wire import encode_event
@@ -29,10 +29,26 @@ if TYPE_CHECKING:
 logger = logging.getLogger("ssehub.stream")
 
 HEARTBEAT: Final = b":\n\n"
+CONNECTION_EXTENSION: Final = "ssehub.connection"
+"""Scope extension (``scope["extensions"][CONNECTION_EXTENSION]``) through which a server
+hands a stream a :class:`Connection`; ``ssehub serve`` does, other servers need not."""
 MAX_BATCH_EVENTS: Final = 1000
 """Most events written in one send when a subscriber has a backlog."""
 
 _SendCoroutine = Coroutine[Any, Any, None]
+
+
+class Connection(Protocol):
+    """What a server may offer a stream beyond ASGI."""
+
+    def write(self, body: bytes) -> bool:
+        """Write one body chunk now if the socket takes it; False if ``send`` must wait."""
+
+    def send(self, message: Message) -> Awaitable[None]:
+        """The server's own ``send`` for body messages (no middleware wrappers)."""
+
+    def abort(self) -> None:
+        """Drop the connection at once (a stalled client)."""
 
 
 class StreamSubscription(Subscription):
@@ -41,24 +57,21 @@ class StreamSubscription(Subscription):
     __slots__ = (
         "busy",
         "busy_since",
-        "fast_write",
+        "connection",
         "hub",
         "live",
         "parked",
         "send",
         "task",
-        "transport",
     )
 
     def __init__(self, hub: Hub, topics: Sequence[str], position: int, peer: str, ip: str) -> None:
         super().__init__(topics, position, peer, ip)
         self.hub = hub
         self.send: Send | None = None
-        self.fast_write: Callable[[bytes], bool] | None = None
-        """A server's synchronous write, if it offers one (ssehub serve does): True when
-        written, False when the socket is full and ``send`` must be used."""
+        self.connection: Connection | None = None
+        """The server's extras, if it offers them (ssehub serve does)."""
         self.task: asyncio.Task[Any] | None = None
-        self.transport: asyncio.BaseTransport | None = None
         self.live = False
         """Replay is done: new events are written as they come."""
         self.parked = False
@@ -126,11 +139,12 @@ class StreamSubscription(Subscription):
         finishes in the background and flushes what accumulated meanwhile)."""
         self.wrote = True
         self.bytes_sent += len(data)
-        fast_write = self.fast_write
-        if fast_write is not None and fast_write(data):
+        connection = self.connection
+        if connection is not None and connection.write(data):
             return True
-        assert self.send is not None
-        coro = self.send({"type": "http.response.body", "body": data, "more_body": True})
+        send = connection.send if connection is not None else self.send
+        assert send is not None
+        coro = send({"type": "http.response.body", "body": data, "more_body": True})
         return self._step(coro)  # type: ignore[arg-type]
 
     # -- driving a suspended send without a task --------------------------------
