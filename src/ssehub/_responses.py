@@ -94,7 +94,9 @@ class HubStreamResponse(Response):
             first = preamble.encode() + b"\n"
             if plan.reset is not None:
                 first += _reset_chunk(plan.reset, plan.upto)
-            await self._write(send, first)
+            # A new connection's socket takes a few dozen bytes at once: no timer needed.
+            await send({"type": "http.response.body", "body": first, "more_body": True})
+            sub.bytes_sent += len(first)
             if plan.replay_after is not None:
                 try:
                     replay = await hub.read_replay(sub.topics, plan.replay_after, plan.upto)
