@@ -53,13 +53,17 @@ class RunningServer:
 
 
 @contextlib.asynccontextmanager
-async def run_server(app: FastAPI | Hub) -> AsyncIterator[RunningServer]:
-    """Serve ``app`` (or a hub's standalone app) on 127.0.0.1 with an ephemeral port,
-    in this event loop; on exit drain the hub's streams and stop the server."""
+async def run_server(
+    app: FastAPI | Hub, *, port: int = 0, **options: Any
+) -> AsyncIterator[RunningServer]:
+    """Serve ``app`` (or a hub's standalone app) on 127.0.0.1, on ``port`` (0: an
+    ephemeral one), in this event loop, with extra uvicorn ``options`` (e.g. ``http=``);
+    on exit drain the hub's streams and stop the server."""
     if isinstance(app, Hub):
         app = create_app(app)
+    options.setdefault("log_level", "warning")
     config = uvicorn.Config(
-        app, host="127.0.0.1", port=0, lifespan="on", log_level="warning", log_config=None
+        app, host="127.0.0.1", port=port, lifespan="on", log_config=None, **options
     )
     server = uvicorn.Server(config)
     server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign,assignment]

@@ -7,16 +7,16 @@ import contextlib
 import json
 import socket
 from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
 
-from ssehub import Hub, StreamProtocolError, StreamRefusedError, create_app
+from ssehub import Hub, StreamProtocolError, StreamRefusedError
 from ssehub.client import EventStream, ServerEvent, publish
 
 from ..helpers import RunningServer, run_server, wait_until
@@ -32,29 +32,9 @@ def free_port() -> int:
         return port
 
 
-@contextlib.asynccontextmanager
-async def serve_on_port(app: FastAPI | Hub, port: int) -> AsyncIterator[RunningServer]:
+def serve_on_port(app: FastAPI | Hub, port: int) -> AbstractAsyncContextManager[RunningServer]:
     """Like ``run_server`` but on a fixed port, so a client can reconnect to the same URL."""
-    if isinstance(app, Hub):
-        app = create_app(app)
-    config = uvicorn.Config(
-        app, host="127.0.0.1", port=port, lifespan="on", log_level="warning", log_config=None
-    )
-    server = uvicorn.Server(config)
-    server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign,assignment]
-    task = asyncio.create_task(server.serve())
-    try:
-        await wait_until(lambda: server.started or task.done(), 10, "server started")
-        if task.done():
-            task.result()
-            raise RuntimeError("server exited during startup")
-        yield RunningServer(server, app)
-    finally:
-        hub = getattr(app.state, "hub", None)
-        if isinstance(hub, Hub) and hub.state == "running":
-            await hub.drain(grace=5)
-        server.should_exit = True
-        await asyncio.wait_for(task, 15)
+    return run_server(app, port=port)
 
 
 @contextlib.asynccontextmanager

@@ -11,12 +11,12 @@ import re
 import socket
 import time
 from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager
 from typing import Any
 
 import pytest
-import uvicorn
 
-from ssehub import Event, Hub, create_app
+from ssehub import Event, Hub
 from ssehub._server import HubHttpToolsProtocol
 from ssehub._wire import ServerEvent
 
@@ -25,33 +25,9 @@ from ..helpers import RunningServer, SSEStream, open_stream, run_server, wait_un
 SMALL_RCVBUF = 4096
 
 
-@contextlib.asynccontextmanager
-async def serve(hub: Hub, http: Any = HubHttpToolsProtocol) -> AsyncIterator[RunningServer]:
+def serve(hub: Hub, http: Any = HubHttpToolsProtocol) -> AbstractAsyncContextManager[RunningServer]:
     """Like ``helpers.run_server``, with a choice of uvicorn's HTTP protocol class."""
-    app = create_app(hub)
-    config = uvicorn.Config(
-        app,
-        host="127.0.0.1",
-        port=0,
-        http=http,
-        lifespan="on",
-        log_level="critical",
-        log_config=None,
-    )
-    server = uvicorn.Server(config)
-    server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign,assignment]
-    task = asyncio.create_task(server.serve())
-    try:
-        await wait_until(lambda: server.started or task.done(), 10, "server started")
-        if task.done():
-            task.result()
-            raise RuntimeError("server exited during startup")
-        yield RunningServer(server, app)
-    finally:
-        if hub.state == "running":
-            await hub.drain(grace=5)
-        server.should_exit = True
-        await asyncio.wait_for(task, 15)
+    return run_server(hub, http=http, log_level="critical")
 
 
 @contextlib.asynccontextmanager
