@@ -54,6 +54,15 @@ def _option(*decls: str, **kwargs: Any) -> Callable[[Callable[..., Any]], Callab
     return click.option(*decls, envvar=env, show_envvar=True, **kwargs)
 
 
+_url_option = click.option(
+    "--url",
+    default=DEFAULT_URL,
+    show_default=True,
+    envvar="SSEHUB_URL",
+    help="Base URL of the hub.",
+)
+
+
 @main.command()
 @_option("--host", default="127.0.0.1", help="Interface to listen on (0.0.0.0 for all).")
 @_option("--port", default=8000, type=int, help="TCP port to listen on (0 picks a free one).")
@@ -222,13 +231,7 @@ def serve(
     is_flag=True,
     help="DATA is JSON: send it as a JSON value instead of raw text.",
 )
-@click.option(
-    "--url",
-    default=DEFAULT_URL,
-    show_default=True,
-    envvar="SSEHUB_URL",
-    help="Base URL of the hub.",
-)
+@_url_option
 def publish(topic: str, data: str, event: str | None, as_json: bool, url: str) -> None:
     """Publish DATA to TOPIC and print the new event's id.
 
@@ -262,13 +265,7 @@ def publish(topic: str, data: str, event: str | None, as_json: bool, url: str) -
     help="Resume after this event id (events after it are replayed first).",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print each event as one JSON line.")
-@click.option(
-    "--url",
-    default=DEFAULT_URL,
-    show_default=True,
-    envvar="SSEHUB_URL",
-    help="Base URL of the hub.",
-)
+@_url_option
 def tail(topics: tuple[str, ...], last_event_id: str | None, as_json: bool, url: str) -> None:
     """Print events of TOPICS as they arrive; reconnects and resumes on its own.
 
