@@ -59,6 +59,8 @@ PYTHON: Final = sys.executable
 ALL_TARGETS: Final = ("ssehub", "naive", "floor", "ssehub-info")
 DEFAULT_TARGETS: Final = ("ssehub", "naive", "floor", "ssehub-info")
 ALL_SCENARIOS: Final = ("idle", "fanout", "throughput", "churn", "publish")
+THROUGHPUT_PUBLISHERS: Final = 16
+"""Publisher connections in the throughput scenario, the same for every target."""
 FLOOR: Final = "floor"
 PUBLISH_TOPIC: Final = "bench"
 STOP_GRACE_SECONDS: Final = 10.0
@@ -233,7 +235,11 @@ def plan(targets: Sequence[str], scenarios: Sequence[str], sizes: Sizes) -> list
             )
     if "throughput" in scenarios:
         for n in sizes.throughput:
+            # Several publisher connections for every target: uvicorn answers pipelined
+            # requests on one connection one at a time, so with a durable log (a commit
+            # per batch) two connections cap the publish rate, not the fan-out.
             args = ["-n", str(n), "--step-seconds", f"{sizes.step_seconds:g}"]
+            args += ["--publishers", str(THROUGHPUT_PUBLISHERS)]
             if sizes.throughput_rates:
                 args += ["--rates", ",".join(f"{r:g}" for r in sizes.throughput_rates)]
             else:
