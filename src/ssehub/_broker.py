@@ -57,9 +57,6 @@ class Broker:
         """The topics that have a channel (subscribers) now."""
         return list(self._channels)
 
-    def channel(self, topic: str) -> Channel | None:
-        return self._channels.get(topic)
-
     def subscribe(self, sub: Subscription, topics: Sequence[str], after: int | None) -> bool:
         """Attach ``sub`` to ``topics``.
 

@@ -119,9 +119,6 @@ class Channel:
                 hi = mid
         return lo
 
-    def last_id(self) -> int:
-        return self.event_at(self.end - 1).id if self.end > self.start else self.floor
-
 
 class Cursor:
     """A position in one channel: the sequence number of the next entry to deliver."""
