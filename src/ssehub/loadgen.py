@@ -1813,16 +1813,23 @@ async def _idle(run: _Run, report: dict[str, Any]) -> None:
     report.update(_loadgen_cpu(cpu_before, await run.loadgen_cpu(), wall))
 
 
-async def _fanout(run: _Run, report: dict[str, Any]) -> None:
-    config = run.config
-    n = config.subscribers
+async def _open_subscribers(
+    run: _Run, report: dict[str, Any]
+) -> tuple[ProcessSample | None, ProcessSample | None, list[float], float]:
+    """Open the scenario's subscribers (fanout, throughput); return the server samples
+    before and after, the load generator's CPU seconds (per process) and the time."""
     before = run.sample_server()
-    report["connect"] = await run.connect(n)
+    report["connect"] = await run.connect(run.config.subscribers)
     if not report["connect"]["opened"]:
         raise _NoStreams(report["connect"]["errors"])
     connected = run.sample_server()
-    cpu_before = await run.loadgen_cpu()
-    started = time.monotonic()
+    return before, connected, await run.loadgen_cpu(), time.monotonic()
+
+
+async def _fanout(run: _Run, report: dict[str, Any]) -> None:
+    config = run.config
+    n = config.subscribers
+    before, connected, cpu_before, started = await _open_subscribers(run, report)
     first = await run.begin_phase()
 
     def status_text() -> str:
@@ -1858,14 +1865,7 @@ async def _fanout(run: _Run, report: dict[str, Any]) -> None:
 
 async def _throughput(run: _Run, report: dict[str, Any]) -> None:
     config = run.config
-    n = config.subscribers
-    before = run.sample_server()
-    report["connect"] = await run.connect(n)
-    if not report["connect"]["opened"]:
-        raise _NoStreams(report["connect"]["errors"])
-    connected = run.sample_server()
-    cpu_before = await run.loadgen_cpu()
-    started = time.monotonic()
+    before, connected, cpu_before, started = await _open_subscribers(run, report)
     deadline = started + config.timeout
     steps: list[dict[str, Any]] = []
 
