@@ -77,22 +77,37 @@ def free_port() -> int:
 
 
 class RedisServer:
-    """A ``redis-server`` of our own: nothing on disk, gone at the end of the session."""
+    """A ``redis-server`` of our own, gone at the end of the test or session.
 
-    def __init__(self, binary: str, directory: Path) -> None:
+    Without ``port`` it takes a free one at each start (nothing on disk). With ``port`` it
+    keeps that port and ``directory`` across restarts, so a restart finds its files again;
+    ``persistent`` adds an append-only file fsynced on every write.
+    """
+
+    def __init__(
+        self, binary: str, directory: Path, *, port: int | None = None, persistent: bool = False
+    ) -> None:
         self.binary = binary
         self.directory = directory
+        self.fixed_port = port
+        self.persistent = persistent
         self.process: subprocess.Popen[bytes] | None = None
         self.url = ""
+        self.starts = 0
+        directory.mkdir(parents=True, exist_ok=True)
 
     def start(self) -> None:
-        for _ in range(3):  # the free port may be taken before the server binds it
-            port = free_port()
+        # a free port may be taken before the server binds it: try another (unless fixed)
+        for _ in range(1 if self.fixed_port else 3):
+            port = self.fixed_port or free_port()
+            self.starts += 1
             self.url = f"redis://127.0.0.1:{port}/0"
-            log = self.directory / f"redis-{port}.log"
+            log = self.directory / f"redis-{port}-{self.starts}.log"
+            durability = ["--appendfsync", "always"] if self.persistent else []
             self.process = subprocess.Popen(
                 [self.binary, "--bind", "127.0.0.1", "--port", str(port), "--save", ""]
-                + ["--appendonly", "no", "--dir", str(self.directory), "--logfile", str(log)],
+                + ["--appendonly", "yes" if self.persistent else "no", *durability]
+                + ["--dir", str(self.directory), "--logfile", str(log)],
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,

@@ -17,7 +17,6 @@ import json
 import os
 import re
 import shutil
-import subprocess
 import sys
 import time
 import uuid
@@ -32,7 +31,7 @@ import pytest
 from ssehub._wire import ServerEvent, SSEDecoder
 
 from ..helpers import wait_until
-from ..redis_support import RedisServer, free_port, probe, redis_unavailable
+from ..redis_support import RedisServer, free_port, redis_unavailable
 
 pytestmark = pytest.mark.redis
 
@@ -109,65 +108,18 @@ async def hub_nodes(tmp_path: Path, backends: dict[str, str]) -> AsyncIterator[l
 # -- Redis servers of our own (restartable on the same port and directory) ----------------
 
 
-class DiskRedis:
-    """A ``redis-server`` on a fixed port and directory, so a restart finds its files
-    again: with ``persistent``, an append-only file fsynced on every write."""
-
-    def __init__(self, binary: str, directory: Path, *, persistent: bool) -> None:
-        self.binary = binary
-        self.directory = directory
-        self.persistent = persistent
-        self.port = free_port()
-        self.process: subprocess.Popen[bytes] | None = None
-        self.starts = 0
-        directory.mkdir(parents=True, exist_ok=True)
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        self.starts += 1
-        args = [self.binary, "--bind", "127.0.0.1", "--port", str(self.port)]
-        args += ["--dir", str(self.directory), "--save", ""]
-        args += ["--logfile", str(self.directory / f"redis-{self.starts}.log")]
-        if self.persistent:
-            args += ["--appendonly", "yes", "--appendfsync", "always"]
-        else:
-            args += ["--appendonly", "no"]
-        self.process = subprocess.Popen(
-            args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-        )
-        deadline = time.monotonic() + 10
-        while self.process.poll() is None and time.monotonic() < deadline:
-            if probe(self.url) is None:
-                return
-            time.sleep(0.02)  # polling a condition, with a deadline
-        self.stop()
-        raise RuntimeError(f"redis-server did not start on port {self.port}; see {self.directory}")
-
-    def stop(self) -> None:
-        """SIGTERM (Redis fsyncs its append-only file and exits), then wait."""
-        process, self.process = self.process, None
-        if process is not None and process.poll() is None:
-            process.terminate()
-            try:
-                process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-
-
 @pytest.fixture
-def disk_redis(tmp_path: Path) -> Iterator[Callable[[bool], DiskRedis]]:
+def disk_redis(tmp_path: Path) -> Iterator[Callable[[bool], RedisServer]]:
     """Make (not start) restartable redis-servers; every one is stopped afterwards."""
     binary = shutil.which("redis-server")
     if binary is None:
         redis_unavailable("no redis-server binary to start (and restart) a Redis with")
-    servers: list[DiskRedis] = []
+    servers: list[RedisServer] = []
 
-    def make(persistent: bool) -> DiskRedis:
-        server = DiskRedis(binary, tmp_path / f"redis-{len(servers)}", persistent=persistent)
+    def make(persistent: bool) -> RedisServer:
+        server = RedisServer(
+            binary, tmp_path / f"redis-{len(servers)}", port=free_port(), persistent=persistent
+        )
         servers.append(server)
         return server
 
@@ -416,7 +368,7 @@ async def test_kill_9_one_node_while_200_clients_stream(
 
 
 async def test_redis_restart_with_persistence_loses_nothing(
-    tmp_path: Path, disk_redis: Callable[[bool], DiskRedis]
+    tmp_path: Path, disk_redis: Callable[[bool], RedisServer]
 ) -> None:
     """Redis (append-only file, fsync always) is stopped and started again: meanwhile
     publishing fails fast and /readyz says 503; the open streams stay open and get every
@@ -510,7 +462,7 @@ def check_no_silent_gap(client: SSEClient, acked: list[int], new_from: int) -> s
 
 
 async def test_redis_back_empty_resets_streams_instead_of_silent_gaps(
-    tmp_path: Path, disk_redis: Callable[[bool], DiskRedis]
+    tmp_path: Path, disk_redis: Callable[[bool], RedisServer]
 ) -> None:
     """Redis (no persistence) restarts empty. The open streams are told to resync and get
     an explicit reset (never a silent gap); a client that missed events and resumes now
