@@ -14,10 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
-import re
 import shutil
-import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -31,12 +28,11 @@ import pytest
 from ssehub._wire import ServerEvent, SSEDecoder
 
 from ..helpers import wait_until
+from ..processes import HubProcess, hub_processes
 from ..redis_support import RedisServer, free_port, redis_unavailable
 
 pytestmark = pytest.mark.redis
 
-ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
-_LISTENING = re.compile(r"Uvicorn running on http://127\.0\.0\.1:(\d+)")
 FAIL_FAST = 2.5
 """Seconds a publish may take to fail while Redis is unreachable (the issue says 2)."""
 
@@ -44,65 +40,15 @@ FAIL_FAST = 2.5
 # -- hub processes ------------------------------------------------------------------------
 
 
-@dataclass
-class Node:
-    """One ``ssehub serve`` process."""
-
-    name: str
-    proc: asyncio.subprocess.Process
-    log: Path
-    port: int = 0
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def output(self) -> str:
-        return self.log.read_text(encoding="utf-8", errors="replace")
-
-    def tail(self, chars: int = 3000) -> str:
-        return f"--- {self.name} log ---\n{self.output()[-chars:]}"
-
-
-@contextlib.asynccontextmanager
-async def hub_nodes(tmp_path: Path, backends: dict[str, str]) -> AsyncIterator[list[Node]]:
-    """Start one ``ssehub serve --port 0`` per ``{name: backend}`` (all at once), yield
-    them once each answers ``/healthz``; every process still running is killed on exit."""
-    nodes: list[Node] = []
-    try:
-        for name, backend in backends.items():
-            log = tmp_path / f"{name}.log"
-            with log.open("wb") as out:
-                proc = await asyncio.create_subprocess_exec(
-                    *(sys.executable, "-m", "ssehub", "serve", "--port", "0"),
-                    *("--backend", backend, "--log-format", "json"),
-                    *("--shutdown-grace", "2", "--heartbeat", "5"),
-                    stdin=asyncio.subprocess.DEVNULL,
-                    stdout=out,
-                    stderr=asyncio.subprocess.STDOUT,
-                    env=ENV,
-                )
-            nodes.append(Node(name, proc, log))
-
-        def listening() -> bool:
-            for node in nodes:
-                assert node.proc.returncode is None, f"serve exited early\n{node.tail()}"
-                match = _LISTENING.search(node.output())
-                if match:
-                    node.port = int(match.group(1))
-            return all(node.port for node in nodes)
-
-        await wait_until(listening, 30, "hub nodes listening")
-        async with httpx.AsyncClient(timeout=5) as http:
-            for node in nodes:
-                assert (await http.get(f"{node.url}/healthz")).status_code == 200
-        yield nodes
-    finally:
-        for node in nodes:
-            if node.proc.returncode is None:
-                node.proc.kill()
-        for node in nodes:
-            await asyncio.wait_for(node.proc.wait(), 10)
+def hub_nodes(
+    tmp_path: Path, backends: dict[str, str]
+) -> contextlib.AbstractAsyncContextManager[list[HubProcess]]:
+    """One ``ssehub serve`` per ``{name: backend}``, as :func:`hub_processes` starts them."""
+    options = {
+        name: ["--backend", backend, "--shutdown-grace", "2", "--heartbeat", "5"]
+        for name, backend in backends.items()
+    }
+    return hub_processes(tmp_path, options)
 
 
 # -- Redis servers of our own (restartable on the same port and directory) ----------------
@@ -261,12 +207,14 @@ def received_exactly(client: SSEClient, acked: list[int]) -> str | None:
     )
 
 
-async def publish(http: httpx.AsyncClient, node: Node, topic: str, data: Any) -> httpx.Response:
+async def publish(
+    http: httpx.AsyncClient, node: HubProcess, topic: str, data: Any
+) -> httpx.Response:
     return await http.post(f"{node.url}/topics/{topic}/events", json={"data": data})
 
 
 async def publish_until_accepted(
-    http: httpx.AsyncClient, node: Node, topic: str, data: Any, timeout: float
+    http: httpx.AsyncClient, node: HubProcess, topic: str, data: Any, timeout: float
 ) -> int:
     """Publish, retrying while the hub answers 503 (Redis coming back); the new id."""
     deadline = time.monotonic() + timeout
@@ -279,7 +227,7 @@ async def publish_until_accepted(
         await asyncio.sleep(0.05)  # back off between attempts
 
 
-async def assert_fails_fast(http: httpx.AsyncClient, node: Node) -> None:
+async def assert_fails_fast(http: httpx.AsyncClient, node: HubProcess) -> None:
     """A publish while Redis is unreachable: 503 with a JSON error body, fast."""
     started = time.monotonic()
     response = await publish(http, node, "k", "while redis is down")

@@ -8,99 +8,28 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import re
 import signal
-import sys
-import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
 
 import httpx
 
 from ssehub._wire import ServerEvent, SSEDecoder
 
 from ..helpers import open_stream, publish, wait_until
+from ..processes import HubProcess, hub_processes
 
 GRACE = 5.0
-ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
-_LISTENING = re.compile(r"Uvicorn running on http://127\.0\.0\.1:(\d+)")
-
-
-def _open_log(path: Path) -> IO[bytes]:
-    return path.open("wb")
-
-
-def _read_log(path: Path) -> str:
-    return path.read_text(encoding="utf-8", errors="replace")
-
-
-@dataclass
-class ServerProcess:
-    proc: asyncio.subprocess.Process
-    log: Path
-    port: int = 0
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def output(self) -> str:
-        return _read_log(self.log)
-
-    def records(self) -> list[dict[str, Any]]:
-        """The complete JSON lines written so far."""
-        text = self.output()
-        complete = text[: text.rfind("\n") + 1]
-        return [json.loads(line) for line in complete.splitlines() if line.strip()]
-
-    async def stop(self, sig: signal.Signals, timeout: float) -> float:
-        """Send ``sig``; return the seconds until the process exited."""
-        started = time.monotonic()
-        self.proc.send_signal(sig)
-        await asyncio.wait_for(self.proc.wait(), timeout)
-        return time.monotonic() - started
 
 
 @contextlib.asynccontextmanager
-async def hub_process(tmp_path: Path, db: Path, name: str) -> AsyncIterator[ServerProcess]:
-    """``ssehub serve`` on a free port (picked by the server itself), JSON logs to a file;
-    yielded once ``/healthz`` answers; killed on exit if it is still running."""
-    log = tmp_path / f"{name}.log"
-    out = _open_log(log)
-    try:
-        proc = await asyncio.create_subprocess_exec(
-            *(sys.executable, "-m", "ssehub", "serve", "--port", "0"),
-            *("--backend", f"sqlite:///{db}", "--log-format", "json"),
-            *("--shutdown-grace", str(GRACE)),
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=out,
-            stderr=asyncio.subprocess.STDOUT,
-            env=ENV,
-        )
-    finally:
-        out.close()
-    server = ServerProcess(proc, log)
-    try:
-
-        def listening() -> bool:
-            assert proc.returncode is None, f"serve exited early:\n{server.output()}"
-            match = _LISTENING.search(server.output())
-            if match:
-                server.port = int(match.group(1))
-            return match is not None
-
-        await wait_until(listening, 20, "server listening")
-        async with httpx.AsyncClient(timeout=2) as http:
-            response = await http.get(f"{server.url}/healthz")
-            assert response.status_code == 200
+async def hub_process(tmp_path: Path, db: Path, name: str) -> AsyncIterator[HubProcess]:
+    """``ssehub serve`` on the SQLite log ``db``, yielded once ``/healthz`` answers."""
+    options = ["--backend", f"sqlite:///{db}", "--shutdown-grace", str(GRACE)]
+    async with hub_processes(tmp_path, {name: options}) as (server,):
         yield server
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-        await asyncio.wait_for(proc.wait(), 10)
 
 
 @dataclass
@@ -176,7 +105,7 @@ async def raw_streams(port: int, topic: str, count: int) -> AsyncIterator[list[R
         await asyncio.gather(*(s.close() for s in streams))
 
 
-async def open_streams(server: ServerProcess, http: httpx.AsyncClient, count: int) -> None:
+async def open_streams(server: HubProcess, http: httpx.AsyncClient, count: int) -> None:
     async def all_subscribed() -> bool:
         capacity = (await http.get(f"{server.url}/health/stream-capacity")).json()
         return bool(capacity["subscribers"] == count)
