@@ -160,6 +160,10 @@ async def test_python_publish_validates_like_http(hub: Hub):
     with pytest.raises(InvalidEventError):
         await hub.publish("t", 1, event="x\ny")
     with pytest.raises(InvalidEventError):
+        await hub.publish("t", 1, event=5)  # type: ignore[arg-type]
+    with pytest.raises(InvalidEventError):
+        await hub.publish("t", 1, retry=True)
+    with pytest.raises(InvalidEventError):
         await hub.publish("t", {1, 2})  # not JSON
     with pytest.raises(InvalidEventError):
         await hub.publish("t", 1, raw_data="x")

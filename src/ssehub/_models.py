@@ -34,6 +34,8 @@ def validate_event_name(event: str | None) -> str | None:
     """Refuse event names that could inject SSE fields (CR, LF, NUL) or are empty."""
     if event is None:
         return None
+    if not isinstance(event, str):
+        raise InvalidEventError("event name must be a string")
     if event == "":
         raise InvalidEventError("event name must not be empty")
     if _FORBIDDEN_IN_FIELD.search(event):

@@ -107,13 +107,12 @@ def parse_publish(body: bytes, content_type: str, query: dict[str, str]) -> dict
             )
         if "data" not in payload:
             raise InvalidRequestError('JSON body needs a "data" field (any JSON value)')
-        event = payload.get("event")
-        if event is not None and not isinstance(event, str):
-            raise InvalidEventError('"event" must be a string')
-        retry = payload.get("retry")
-        if retry is not None and (isinstance(retry, bool) or not isinstance(retry, int)):
-            raise InvalidEventError('"retry" must be a non-negative integer (milliseconds)')
-        return {"data": payload["data"], "event": event, "retry": retry}
+        # types and values of event and retry are checked by Hub.prepare, for every path
+        return {
+            "data": payload["data"],
+            "event": payload.get("event"),
+            "retry": payload.get("retry"),
+        }
     if media in ("", "text/plain", "application/x-www-form-urlencoded") or media.startswith(
         "text/"
     ):
