@@ -4,10 +4,11 @@ Every `HubMetrics` owns its own `CollectorRegistry` (never prometheus-client's g
 ``REGISTRY``), so several hubs can live in one process, as they do in the tests.
 
 The per-delivery figures (deliveries, bytes, publish-to-write latency) are bumped once
-per write on the fan-out's hot path, so they are plain integers and a bucket list,
-turned into metric families only at scrape time (prometheus-client's own counters take
-a lock per ``inc()``). The rarer counters are prometheus-client counters, each bump a dict
-lookup plus one ``inc()`` on a label child bound in advance. Live counts (open streams,
+per write on the fan-out's hot path, and the streams opened and closed once per
+connection, so they are plain integers and a bucket list, turned into metric families
+only at scrape time (prometheus-client's own counters take a lock per ``inc()``). The
+rarer counters are prometheus-client counters, each bump a dict lookup plus one
+``inc()`` on a label child bound in advance. Live counts (open streams,
 subscribers, topics, ...) are not tracked here: a collector asks the hub's
 ``statistics()`` at scrape time.
 """
@@ -148,12 +149,19 @@ class _DeliveryCollector(Collector):
         self._metrics = metrics
 
     def describe(self) -> Iterator[Metric]:
+        yield CounterMetricFamily("ssehub_streams_opened", _OPENED_HELP)
+        yield CounterMetricFamily("ssehub_streams_closed", _CLOSED_HELP, labels=["reason"])
         yield CounterMetricFamily("ssehub_deliveries", "Events written to subscribers.")
         yield CounterMetricFamily("ssehub_delivered_bytes", "Bytes of events written.")
         yield HistogramMetricFamily("ssehub_publish_to_write_seconds", _LATENCY_HELP)
 
     def collect(self) -> Iterator[Metric]:
         metrics = self._metrics
+        yield CounterMetricFamily("ssehub_streams_opened", _OPENED_HELP, metrics.opened)
+        closed = CounterMetricFamily("ssehub_streams_closed", _CLOSED_HELP, labels=["reason"])
+        for reason, count in metrics.closed.items():
+            closed.add_metric([reason], count)
+        yield closed
         events, nbytes = metrics.deliveries, metrics.delivered_bytes
         if metrics.live_deliveries is not None:
             live_events, live_bytes = metrics.live_deliveries()
@@ -176,6 +184,8 @@ class _DeliveryCollector(Collector):
         )
 
 
+_OPENED_HELP: Final = "Event streams opened."
+_CLOSED_HELP: Final = "Event streams closed, by reason."
 _LATENCY_HELP: Final = "Time from publish to the event being written to a subscriber."
 
 
@@ -190,9 +200,7 @@ class HubMetrics:
     """
 
     __slots__ = (
-        "_closed",
         "_lagged",
-        "_opened",
         "_published",
         "_refused",
         "_replayed",
@@ -200,8 +208,10 @@ class HubMetrics:
         "delivered_bytes",
         "deliveries",
         "latency_counts",
+        "closed",
         "latency_sum",
         "live_deliveries",
+        "opened",
         "registry",
     )
 
@@ -212,16 +222,8 @@ class HubMetrics:
     ) -> None:
         self.registry = CollectorRegistry()
         registry = self.registry
-        self._opened = Counter("ssehub_streams_opened", "Event streams opened.", registry=registry)
-        self._closed = _Children(
-            Counter(
-                "ssehub_streams_closed",
-                "Event streams closed, by reason.",
-                ["reason"],
-                registry=registry,
-            ),
-            CLOSE_REASONS,
-        )
+        self.opened = 0
+        self.closed = dict.fromkeys(CLOSE_REASONS, 0)
         self._refused = _Children(
             Counter(
                 "ssehub_streams_refused",
@@ -267,10 +269,11 @@ class HubMetrics:
             registry.register(_StatisticsCollector(statistics))
 
     def stream_opened(self) -> None:
-        self._opened.inc()
+        self.opened += 1
 
     def stream_closed(self, reason: str) -> None:
-        self._closed[reason].inc()
+        closed = self.closed
+        closed[reason] = closed.get(reason, 0) + 1
 
     def refused(self, reason: str) -> None:
         self._refused[reason].inc()
