@@ -15,7 +15,15 @@ import uvicorn
 from fastapi import FastAPI
 
 from ssehub import Hub, create_app
+from ssehub._server import HubHttpToolsProtocol
 from ssehub._wire import ServerEvent, SSEDecoder
+
+SERVER_PROTOCOLS: dict[str, Any] = {"ssehub": HubHttpToolsProtocol, "uvicorn": "httptools"}
+SERVER_PROTOCOL = os.environ.get("SSEHUB_TEST_SERVER", "ssehub")
+"""How :func:`run_server` serves unless a test says: ``ssehub`` (the protocol of
+``ssehub serve``, which serves streams without ASGI) or ``uvicorn`` (plain uvicorn
+httptools: the hub as any ASGI server runs it). scripts/test runs the integration tests
+both ways."""
 
 
 async def wait_until(
@@ -62,6 +70,7 @@ async def run_server(
     if isinstance(app, Hub):
         app = create_app(app)
     options.setdefault("log_level", "warning")
+    options.setdefault("http", SERVER_PROTOCOLS[SERVER_PROTOCOL])
     config = uvicorn.Config(
         app, host="127.0.0.1", port=port, lifespan="on", log_config=None, **options
     )

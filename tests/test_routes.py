@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+from urllib.parse import parse_qsl
+
 import httpx
+import hypothesis
+import hypothesis.strategies
 import pytest
+from starlette.requests import Request
 
 from ssehub import Hub, create_app
+from ssehub._routes import last_event_id_of, query_pairs, stream_request
 
 
 @pytest.fixture
@@ -171,3 +177,40 @@ async def test_python_publish_validates_like_http(hub: Hub):
         await hub.publish("t", raw_data="x" * 2000)
     stored = await hub.publish("t", raw_data="ok")
     assert stored.data == "ok" and stored.id == hub.statistics().head_id
+
+
+@hypothesis.given(
+    hypothesis.strategies.text(
+        alphabet=hypothesis.strategies.sampled_from("ab=&%+;2F0é \x00_-"), max_size=30
+    )
+)
+def test_stream_query_parsing_matches_starlette(query: str) -> None:
+    # Every stream parses its query without Starlette's QueryParams; it must read the
+    # same pairs (parse_qsl with blank values kept), shortcut or not.
+    raw = query.encode("latin-1", errors="replace")
+    assert query_pairs(raw) == parse_qsl(raw.decode("latin-1"), keep_blank_values=True)
+
+
+@pytest.mark.parametrize(
+    ("query", "headers", "resume"),
+    [
+        (b"topic=t", [(b"last-event-id", b"7"), (b"last-event-id", b"8")], "7"),
+        (b"topic=t&last_event_id=5&last_event_id=6", [], "6"),
+        (b"topic=t&lastEventId=4", [(b"last-event-id", b"")], "4"),
+        (b"topic=t&last_event_id=", [], None),
+    ],
+)
+def test_stream_request_reads_the_resume_point_like_last_event_id_of(
+    query: bytes, headers: list[tuple[bytes, bytes]], resume: str | None
+) -> None:
+    scope = {
+        "type": "http",
+        "method": "GET",
+        "path": "/events",
+        "query_string": query,
+        "headers": headers,
+        "client": ("10.0.0.1", 5000),
+    }
+    request = stream_request(scope)
+    assert request.resume == last_event_id_of(Request(scope)) == resume
+    assert (request.topics, request.peer, request.ip) == (["t"], "10.0.0.1:5000", "10.0.0.1")

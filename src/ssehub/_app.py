@@ -35,7 +35,8 @@ def create_app(
     app = HubApp(title="ssehub", version=__version__, lifespan=hub.lifespan)
     app.state.hub = hub
     app.include_router(hub.router)
-    events: ASGIApp = EventsEndpoint(hub)
+    app.bare_events = EventsEndpoint(hub)
+    events: ASGIApp = app.bare_events
     publish: ASGIApp = PublishEndpoint(hub)
     origins = list(dict.fromkeys(cors_origins))
     if origins:
@@ -49,6 +50,7 @@ def create_app(
         }
         app.add_middleware(CORSMiddleware, **cors)
         events = CORSMiddleware(events, **cors)
+        app.cors = True
         publish = CORSMiddleware(publish, **cors)
     app.events_endpoint = events
     app.publish_endpoint = publish
@@ -65,7 +67,19 @@ class HubApp(FastAPI):
 
     events_endpoint: ASGIApp | None = None
     publish_endpoint: ASGIApp | None = None
+    bare_events: EventsEndpoint | None = None
+    cors = False
     own_middleware = 0
+
+    def direct_events(self, has_origin: bool) -> EventsEndpoint | None:
+        """The bare ``GET /events`` endpoint, for a server that serves streams itself
+        (``ssehub serve``), when a request would reach it unchanged: no middleware of
+        the user's, and no CORS headers to add (CORS on and an ``Origin`` header)."""
+        if self.bare_events is None or len(self.user_middleware) != self.own_middleware:
+            return None
+        if self.cors and has_origin:
+            return None
+        return self.bare_events
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         # (async on purpose: servers tell ASGI 3 apps by a coroutine __call__)

@@ -323,6 +323,10 @@ class AccessLogger:
     def __init__(self) -> None:
         self._logger = logging.getLogger("ssehub.access")
 
+    def enabled(self) -> bool:
+        """Whether lines are written (check before building costly fields)."""
+        return self._logger.isEnabledFor(logging.INFO)
+
     def info(self, event: str, **fields: Any) -> None:
         if self._logger.isEnabledFor(logging.INFO):
             self._logger.info(event, extra=fields)

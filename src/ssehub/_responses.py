@@ -32,7 +32,7 @@ from ._channel import DisconnectReason
 from ._exceptions import HistoryGoneError
 from ._hub import REPLAY_PAGE_SIZE, reset_data
 from ._logging import access_logger
-from ._stream import CONNECTION_EXTENSION, StreamSubscription
+from ._stream import CONNECTION_EXTENSION, Connection, StreamSubscription
 from ._wire import encode_comment, encode_event
 
 if TYPE_CHECKING:
@@ -57,7 +57,14 @@ def disconnect_chunk(reason: DisconnectReason, retry_ms: int) -> bytes:
 
 
 class HubStreamResponse(Response):
-    """Streams one subscription of ``hub`` as ``text/event-stream``."""
+    """Streams one subscription of ``hub`` as ``text/event-stream``.
+
+    Served two ways: as an ASGI app (:meth:`__call__`: one coroutine, parked in
+    ``receive()`` while live), or, by ``ssehub serve`` for a stream with nothing to
+    replay, without ASGI and without a task (:meth:`start_direct`): the server writes
+    the first bytes at once, the fan-out writes from then on, and the server calls
+    :meth:`end_direct` when the client goes.
+    """
 
     def __init__(
         self, hub: Hub, sub: StreamSubscription, plan: ResumePlan, resume: str | None
@@ -71,30 +78,20 @@ class HubStreamResponse(Response):
         self._sub = sub
         self._plan = plan
         self._resume = resume[:64] if resume else resume  # as logged; ids are 19 digits
+        self._ended = False
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         hub, sub, plan = self._hub, self._sub, self._plan
-        config = hub.config
         sub.connection = scope.get("extensions", {}).get(CONNECTION_EXTENSION)
         task = sub.task = asyncio.current_task()
-        hub.metrics.stream_opened()
-        access_logger().info(
-            "stream.open", topics=list(sub.topics), client=sub.peer, resume_from=self._resume
-        )
+        self._opened()
         try:
             # a fresh list: a middleware (CORS) may add headers to it in place
             headers = list(STREAM_HEADERS)
             await send({"type": "http.response.start", "status": 200, "headers": headers})
             del headers
-            preamble = f": ssehub\nretry: {config.retry_ms}\n"
-            if plan.fresh:
-                # An id with no data dispatches nothing but sets the client's last event
-                # id, so a reconnect resumes from here even if no event arrived.
-                preamble += f"id: {plan.upto}\n"
-            first = preamble.encode() + b"\n"
-            if plan.reset is not None:
-                first += _reset_chunk(plan.reset, plan.upto)
             # A new connection's socket takes a few dozen bytes at once: no timer needed.
+            first = self._first_chunk()
             await send({"type": "http.response.body", "body": first, "more_body": True})
             sub.bytes_sent += len(first)
             if plan.replay_after is not None:
@@ -127,18 +124,108 @@ class HubStreamResponse(Response):
                     raise  # not our wake-up: the server is cancelling the request
                 task.uncancel()
             sub.live = False
-            await self._finish(sub, send)
+            goodbye = self._goodbye(sub)
+            if goodbye is not None:
+                if goodbye:
+                    await self._write(send, goodbye)
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
         except TimeoutError:
             pass  # stalled while this coroutine was writing: aborted below
         finally:
-            sub.live = False
-            if sub.close_reason is DisconnectReason.STALLED:
-                # The client stopped reading. Abort the connection when the server lets
-                # us (ssehub serve does): a plain close would wait for the buffer to drain.
-                if sub.connection is not None:
-                    sub.connection.abort()
-            hub.release(sub)
-            self._log_close(sub)
+            self._end(sub)
+
+    # -- without ASGI (ssehub serve) ------------------------------------------------
+
+    @property
+    def starts_directly(self) -> bool:
+        """Whether :meth:`start_direct` can serve it: nothing to read from the log first."""
+        return self._plan.replay_after is None
+
+    def start_direct(self, connection: Connection) -> None:
+        """Start the stream on ``connection`` now: head and first bytes in one write,
+        then live. No coroutine waits for it: the hub's ``close`` and the server's
+        connection-lost callback end it through :meth:`end_direct`."""
+        sub = self._sub
+        sub.connection = connection
+        sub.on_close = self.end_direct
+        self._opened()
+        first = self._first_chunk()
+        connection.start(STREAM_HEADERS, first)
+        sub.bytes_sent += len(first)
+        sub.live = True
+        sub.catch_up()
+
+    def close(self, reason: DisconnectReason) -> None:
+        """Ask the stream to end (it ends soon, with a goodbye when ``reason`` has one)."""
+        self._sub.close(reason)
+
+    def end_direct(self) -> None:
+        """End a stream started by :meth:`start_direct` (idempotent): the goodbye and the
+        end of the response when the client is still there, then release and log."""
+        if self._ended:
+            return
+        self._ended = True
+        sub = self._sub
+        sub.live = False
+        sub.on_close = None  # a reference cycle through this response otherwise
+        if sub.close_reason is None:
+            sub.close_reason = DisconnectReason.CLIENT_GONE  # the server saw it go
+        try:
+            goodbye = self._goodbye(sub)
+            if goodbye is not None and sub.connection is not None:
+                sub.bytes_sent += len(goodbye)
+                sub.connection.finish(goodbye)
+        finally:
+            self._end(sub)
+
+    # -- shared ---------------------------------------------------------------------
+
+    def _first_chunk(self) -> bytes:
+        """The comment, ``retry:``, for a fresh stream ``id: <head>``, and any reset."""
+        plan = self._plan
+        preamble = f": ssehub\nretry: {self._hub.config.retry_ms}\n"
+        if plan.fresh:
+            # An id with no data dispatches nothing but sets the client's last event
+            # id, so a reconnect resumes from here even if no event arrived.
+            preamble += f"id: {plan.upto}\n"
+        first = preamble.encode() + b"\n"
+        if plan.reset is not None:
+            first += _reset_chunk(plan.reset, plan.upto)
+        return first
+
+    def _opened(self) -> None:
+        self._hub.metrics.stream_opened()
+        log = access_logger()
+        if log.enabled():
+            sub = self._sub
+            log.info(
+                "stream.open", topics=list(sub.topics), client=sub.peer, resume_from=self._resume
+            )
+
+    def _goodbye(self, sub: StreamSubscription) -> bytes | None:
+        """The last body chunk of a stream that ended (``b""``: just end the response),
+        or None when nothing more can be sent: the client is gone, or is not reading
+        (then the stream counts as stalled and is aborted)."""
+        reason = sub.close_reason
+        if reason is DisconnectReason.CLIENT_GONE or reason is DisconnectReason.STALLED:
+            return None
+        if sub.busy:
+            # A send is still blocked on a full socket: the client reads too slowly to
+            # take a goodbye in time. Treat it as stalled (abort) rather than wait.
+            sub.close_reason = DisconnectReason.STALLED
+            return None
+        if reason is not None and reason.notify_client:
+            return disconnect_chunk(reason, self._hub.retry_hint(reason))
+        return b""
+
+    def _end(self, sub: StreamSubscription) -> None:
+        sub.live = False
+        if sub.close_reason is DisconnectReason.STALLED and sub.connection is not None:
+            # The client stopped reading. Abort the connection when the server lets us
+            # (ssehub serve does): a plain close would wait for the buffer to drain.
+            sub.connection.abort()
+        self._hub.release(sub)
+        self._log_close(sub)
 
     async def _write(self, send: Send, chunk: bytes) -> None:
         """A write before the stream goes live or after it ended (first bytes, replay,
@@ -154,24 +241,14 @@ class HubStreamResponse(Response):
         sub.wrote = True
         sub.bytes_sent += len(chunk)
 
-    async def _finish(self, sub: StreamSubscription, send: Send) -> None:
-        reason = sub.close_reason
-        if reason is DisconnectReason.CLIENT_GONE or reason is DisconnectReason.STALLED:
-            return
-        if sub.busy:
-            # A send is still blocked on a full socket: the client reads too slowly to
-            # take a goodbye in time. Treat it as stalled (abort) rather than wait.
-            sub.close_reason = DisconnectReason.STALLED
-            return
-        if reason is not None and reason.notify_client:
-            await self._write(send, disconnect_chunk(reason, self._hub.retry_hint(reason)))
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
-
     def _log_close(self, sub: StreamSubscription) -> None:
         reason = sub.close_reason or DisconnectReason.CLIENT_GONE
         self._hub.metrics.stream_closed(reason.value)
+        log = access_logger()
+        if not log.enabled():
+            return
         loop = asyncio.get_running_loop()
-        access_logger().info(
+        log.info(
             "stream.close",
             topics=list(sub.topics),
             client=sub.peer,

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Awaitable
-from typing import TYPE_CHECKING, Any, Final
+from collections.abc import Awaitable, Mapping
+from typing import TYPE_CHECKING, Any, Final, NamedTuple
+from urllib.parse import parse_qsl
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
@@ -62,14 +63,67 @@ def error_response(exc: HubError) -> JSONResponse:
 
 def last_event_id_of(request: Request) -> str | None:
     """The resume point: the ``Last-Event-ID`` header, else a query parameter alias."""
-    value = request.headers.get("last-event-id")
-    if value:
-        return value
+    return resume_point(request.headers.get("last-event-id"), request.query_params)
+
+
+def resume_point(header: str | None, query: Mapping[str, str]) -> str | None:
+    """The ``Last-Event-ID`` header's value if not empty, else the first non-empty query
+    parameter alias (for clients that cannot set headers, like a browser's EventSource
+    opened anew)."""
+    if header:
+        return header
     for name in LAST_EVENT_ID_ALIASES:
-        value = request.query_params.get(name)
+        value = query.get(name)
         if value:
             return value
     return None
+
+
+class StreamRequest(NamedTuple):
+    """What ``GET /events`` asks for, read straight from the ASGI scope."""
+
+    topics: list[str]
+    resume: str | None
+    peer: str
+    ip: str
+    accepts_sse: bool
+
+
+def stream_request(scope: Scope) -> StreamRequest:
+    """Parse a stream request the way Starlette's ``Request`` would (first header wins,
+    the last of a repeated query parameter wins, ``topic`` may repeat), without building
+    one: every stream opened pays for this."""
+    pairs = query_pairs(scope["query_string"])
+    topics = [value for name, value in pairs if name == "topic"]
+    header: str | None = None
+    accept: str | None = None
+    for name, value in scope["headers"]:
+        if name == b"last-event-id":
+            if header is None:
+                header = value.decode("latin-1")
+        elif name == b"accept" and accept is None:
+            accept = value.decode("latin-1")
+    client = scope.get("client")
+    return StreamRequest(
+        topics,
+        header or resume_point(None, dict(pairs)),
+        f"{client[0]}:{client[1]}" if client else "",
+        client[0] if client else "",
+        accept is not None and "text/event-stream" in accept,
+    )
+
+
+def query_pairs(query_string: bytes) -> list[tuple[str, str]]:
+    """``parse_qsl(..., keep_blank_values=True)`` as Starlette calls it, with a shortcut
+    for the common query that has nothing to unquote."""
+    if b"%" in query_string or b"+" in query_string:
+        return parse_qsl(query_string.decode("latin-1"), keep_blank_values=True)
+    pairs = []
+    for part in query_string.decode("latin-1").split("&"):
+        if part:
+            name, _, value = part.partition("=")
+            pairs.append((name, value))
+    return pairs
 
 
 def peer_of(request: Request) -> str:
@@ -133,17 +187,12 @@ def parse_publish(body: bytes, content_type: str, query: dict[str, str]) -> dict
     )
 
 
-def client_ip(request: Request) -> str:
-    client = request.client
-    return client.host if client else ""
-
-
-def refuse_stream(hub: Hub, request: Request, exc: HubError) -> Response:
+def refuse_stream(hub: Hub, accepts_sse: bool, exc: HubError) -> Response:
     """Answer a stream request the hub cannot take, by the reconnect contract: a client
     that accepts ``text/event-stream`` gets 200, a ``retry:`` back-off, one event and the
     end (a native EventSource gives up for good on any non-200 answer); others get the
     JSON error (503 or 429 with Retry-After)."""
-    if "text/event-stream" not in request.headers.get("accept", ""):
+    if not accepts_sse:
         return error_response(exc)
     if isinstance(exc, HubClosedError):
         reason = DisconnectReason.SHUTDOWN
@@ -206,36 +255,37 @@ class EventsEndpoint:
     def __call__(self, scope: Scope, receive: Receive, send: Send) -> Awaitable[None]:
         # A plain function returning the response's coroutine: no frame of its own stays
         # suspended for the stream's lifetime.
-        request = Request(scope)
-        if self.hub.must_catch_up(last_event_id_of(request)):
-            return self._after_catch_up(request, receive, send)
+        request = stream_request(scope)
+        if self.hub.must_catch_up(request.resume):
+            return self._after_catch_up(request, scope, receive, send)
         return self.respond(request)(scope, receive, send)
 
-    async def _after_catch_up(self, request: Request, receive: Receive, send: Send) -> None:
-        await self.hub.catch_up_to(last_event_id_of(request))
-        await self.respond(request)(request.scope, receive, send)
+    async def _after_catch_up(
+        self, request: StreamRequest, scope: Scope, receive: Receive, send: Send
+    ) -> None:
+        await self.hub.catch_up_to(request.resume)
+        await self.respond(request)(scope, receive, send)
 
-    def respond(self, request: Request) -> Response:
+    def respond(self, request: StreamRequest) -> Response:
+        """The stream (a :class:`HubStreamResponse`), or the answer refusing it."""
         hub = self.hub
-        topics = request.query_params.getlist("topic")
-        if not topics:
+        if not request.topics:
             return error_response(
                 InvalidRequestError("missing query parameter 'topic' (e.g. /events?topic=demo)")
             )
-        resume = last_event_id_of(request)
         try:
             sub, plan = hub.open_subscription(
-                topics, resume, peer=peer_of(request), ip=client_ip(request), stream=True
+                request.topics, request.resume, peer=request.peer, ip=request.ip, stream=True
             )
         except (HubClosedError, CapacityError) as exc:
             access_logger().info(
-                "stream.refused", topics=topics, client=peer_of(request), reason=exc.code
+                "stream.refused", topics=request.topics, client=request.peer, reason=exc.code
             )
-            return refuse_stream(hub, request, exc)
+            return refuse_stream(hub, request.accepts_sse, exc)
         except HubError as exc:
             return error_response(exc)
         assert isinstance(sub, StreamSubscription)
-        return HubStreamResponse(hub, sub, plan, resume)
+        return HubStreamResponse(hub, sub, plan, request.resume)
 
 
 def build_router(hub: Hub) -> APIRouter:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from functools import partial
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
@@ -39,7 +39,14 @@ _SendCoroutine = Coroutine[Any, Any, None]
 
 
 class Connection(Protocol):
-    """What a server may offer a stream beyond ASGI."""
+    """What a server may offer a stream beyond ASGI (``ssehub serve`` does)."""
+
+    def start(self, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
+        """Start a 200 chunked response with ``headers`` and ``body`` as its first chunk,
+        in one write (a stream served without ASGI)."""
+
+    def finish(self, body: bytes) -> None:
+        """Write ``body`` as the last chunk and complete the response (without ASGI)."""
 
     def write(self, body: bytes) -> bool:
         """Write one body chunk now if the socket takes it; False if ``send`` must wait."""
@@ -60,6 +67,7 @@ class StreamSubscription(Subscription):
         "connection",
         "hub",
         "live",
+        "on_close",
         "parked",
         "send",
         "task",
@@ -79,6 +87,8 @@ class StreamSubscription(Subscription):
         self.busy = False
         """A send is suspended on a full socket; nothing else may be sent until it ends."""
         self.busy_since = 0.0
+        self.on_close: Callable[[], object] | None = None
+        """For a stream served without a task: called (soon) once it must end."""
 
     # -- called by the fan-out, the ticker and the hub ----------------------------
 
@@ -108,6 +118,9 @@ class StreamSubscription(Subscription):
             self.close_reason = reason
             if self.parked and self.task is not None:
                 self.task.cancel()
+            elif self.on_close is not None:
+                # not now: this may run inside the fan-out's loop over the subscribers
+                asyncio.get_running_loop().call_soon(self.on_close)
 
     def heartbeat(self) -> None:
         """Write a heartbeat comment if the stream is live and not blocked."""
