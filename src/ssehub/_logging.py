@@ -55,6 +55,7 @@ TRACE_LEVEL: Final = 5
 """uvicorn's ``trace`` level, accepted by `configure_logging` even if unregistered."""
 
 UVICORN_LOGGERS: Final = ("uvicorn", "uvicorn.error", "uvicorn.access")
+ACCESS_LOGGER_NAME: Final = "ssehub.access"
 
 _PAIR_SEPARATORS: Final = re.compile(r"([&;])")
 _WORD: Final = re.compile(r"\S+")
@@ -226,7 +227,11 @@ def _isatty(stream: TextIO) -> bool:
 
 
 def configure_logging(
-    level: str = "info", fmt: LogFormat = "auto", *, stream: TextIO | None = None
+    level: str = "info",
+    fmt: LogFormat = "auto",
+    *,
+    stream: TextIO | None = None,
+    access_log: bool = True,
 ) -> None:
     """Send all logging, stdlib and structlog alike, through one structured handler.
 
@@ -238,8 +243,10 @@ def configure_logging(
     uvicorn's loggers lose their own handlers and levels and propagate to the root
     handler (run uvicorn with ``log_config=None`` so that it does not install its
     handlers again afterwards), and
-    `RedactQueryFilter` is installed on ``uvicorn.access``. Calling this again replaces
-    the previous configuration instead of adding to it.
+    `RedactQueryFilter` is installed on ``uvicorn.access``. ``access_log=False`` silences
+    the hub's per-stream lines (``ssehub.access``; pass ``access_log=False`` to uvicorn
+    too for its request lines). Calling this again replaces the previous configuration
+    instead of adding to it.
     """
     numeric_level = _parse_level(level)
     if fmt not in ("auto", "json", "console"):
@@ -305,6 +312,9 @@ def configure_logging(
         uvicorn_logger.handlers.clear()
         uvicorn_logger.propagate = True
         uvicorn_logger.setLevel(logging.NOTSET)  # follow the root level set above
+    logging.getLogger(ACCESS_LOGGER_NAME).setLevel(
+        logging.NOTSET if access_log else logging.WARNING
+    )
     access = logging.getLogger("uvicorn.access")
     if not any(isinstance(f, RedactQueryFilter) for f in access.filters):
         access.addFilter(RedactQueryFilter())
@@ -321,7 +331,7 @@ class AccessLogger:
     __slots__ = ("_logger",)
 
     def __init__(self) -> None:
-        self._logger = logging.getLogger("ssehub.access")
+        self._logger = logging.getLogger(ACCESS_LOGGER_NAME)
 
     def enabled(self) -> bool:
         """Whether lines are written (check before building costly fields)."""

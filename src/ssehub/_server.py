@@ -301,6 +301,8 @@ class HubOptions:
     backend: str = "sqlite:///ssehub.db"
     log_level: str = "info"
     log_format: LogFormat = "auto"
+    access_log: bool = True
+    """Access lines: uvicorn's per request, and the hub's stream.open/close/refused."""
     cors_origins: list[str] = field(default_factory=list)
     settings: dict[str, Any] = field(default_factory=dict)
 
@@ -324,7 +326,7 @@ def run_hub(options: HubOptions, sockets: list[socket.socket] | None = None) -> 
     from ._app import create_app
     from ._logging import configure_logging
 
-    configure_logging(options.log_level, options.log_format)
+    configure_logging(options.log_level, options.log_format, access_log=options.access_log)
     hub = Hub(options.backend, **options.settings)
     app = create_app(hub, cors_origins=options.cors_origins)
     config = server_config(
@@ -334,6 +336,7 @@ def run_hub(options: HubOptions, sockets: list[socket.socket] | None = None) -> 
         port=options.port,
         log_level=options.log_level,
         log_config=None,
+        access_log=options.access_log,
     )
     server = HubServer(config, hub)
     server.run(sockets=sockets)

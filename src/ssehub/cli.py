@@ -173,6 +173,16 @@ _url_option = click.option(
     type=float,
     help="Seconds an Idempotency-Key on publish is remembered.",
 )
+@click.option(
+    "--access-log/--no-access-log",
+    default=True,
+    envvar="SSEHUB_ACCESS_LOG",
+    show_envvar=True,
+    show_default=True,
+    help="Log a line per request and per stream opened and closed (at info level). "
+    "Each line costs about 20-35 µs of CPU: with many short-lived connections, turn "
+    "it off and watch the metrics instead.",
+)
 @_option(
     "--cors-origin",
     "cors_origins",
@@ -189,6 +199,7 @@ def serve(
     log_level: str,
     log_format: LogFormat,
     heartbeat: float,
+    access_log: bool,
     cors_origins: tuple[str, ...],
     **settings: Any,
 ) -> None:
@@ -207,6 +218,7 @@ def serve(
         backend=backend,
         log_level=log_level,
         log_format=log_format,
+        access_log=access_log,
         cors_origins=list(cors_origins),
         settings={"heartbeat_interval": heartbeat, **settings},
     )

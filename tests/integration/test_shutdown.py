@@ -204,6 +204,25 @@ async def test_stream_log_lines_are_json_and_hide_secrets(tmp_path: Path) -> Non
         assert secret not in output
 
 
+async def test_no_access_log_silences_request_and_stream_lines(tmp_path: Path) -> None:
+    options = ["--backend", f"sqlite:///{tmp_path / 'hub.db'}", "--no-access-log"]
+    async with (
+        hub_processes(tmp_path, {"quiet": options}) as (server,),
+        httpx.AsyncClient(timeout=10) as http,
+    ):
+        async with open_stream(server.url, ["a"]) as stream:
+            await stream.read_until_raw(b"\n\n")
+            event_id = await publish(http, server.url, "a", "hello")
+            assert (await stream.next(10)).id == event_id
+        await server.stop(signal.SIGTERM, timeout=GRACE + 10)
+        assert server.proc.returncode == 0
+    records = server.records()
+    loggers = {r.get("logger") for r in records}
+    assert "uvicorn.error" in loggers  # still logging, at info: startup and shutdown
+    assert any(r.get("event") == "hub draining" for r in records), records
+    assert not loggers & {"ssehub.access", "uvicorn.access"}, records
+
+
 async def test_ctrl_c_drains_like_sigterm(tmp_path: Path) -> None:
     async with (
         hub_process(tmp_path, tmp_path / "hub.db", "ctrl-c") as server,
