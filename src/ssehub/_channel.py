@@ -208,6 +208,23 @@ class Subscription:
         finally:
             self._waiter = None
 
+    def take_one(self) -> tuple[Event, bytes] | None:
+        """The event and its bytes when one event of one topic is all that is pending
+        (the fan-out's common case, without the lists of :meth:`take`), else None and
+        nothing taken."""
+        if len(self._cursors) != 1:
+            return None
+        cursor = self._cursors[0]
+        channel, seq = cursor.channel, cursor.seq
+        if channel.end - seq != 1 or seq < channel.start:
+            return None
+        slot = seq % channel.capacity  # (same module: direct access to the ring)
+        event = channel._events[slot]
+        assert event is not None
+        cursor.seq = seq + 1
+        self.position = event.id
+        return event, channel._chunks[slot]
+
     def take(self, limit: int) -> tuple[list[Event], list[bytes]]:
         """Everything pending (at most ``limit`` events), merged in id order.
 
@@ -215,18 +232,14 @@ class Subscription:
         left where they were so the caller can apply the slow-client policy.
         """
         if len(self._cursors) == 1:
+            one = self.take_one()
+            if one is not None:  # the common case: one new event
+                return [one[0]], [one[1]]
             cursor = self._cursors[0]
             channel, seq = cursor.channel, cursor.seq
             if seq < channel.start:
                 raise Lagged(cursor)
             end = channel.end
-            if end - seq == 1:  # the common case: one new event (same module: direct access)
-                slot = seq % channel.capacity
-                event = channel._events[slot]
-                assert event is not None
-                cursor.seq = end
-                self.position = event.id
-                return [event], [channel._chunks[slot]]
             stop = min(end, seq + limit)
             events = [channel.event_at(s) for s in range(seq, stop)]
             chunks = [channel.chunk_at(s) for s in range(seq, stop)]

@@ -57,6 +57,10 @@ KEEP_ALIVE_TIMEOUT = 65
 """Seconds an idle keep-alive connection is kept; above common proxy/LB idle timeouts."""
 
 
+_last_body: bytes | None = None
+_last_frame = b""
+
+
 class UvicornConnection:
     """What uvicorn's httptools protocol offers a stream beyond ASGI (see
     :class:`ssehub._stream.Connection`): one small object per request."""
@@ -104,7 +108,13 @@ class UvicornConnection:
             return True  # uvicorn's send drops the message too
         if cycle.flow.write_paused or not cycle.chunked_encoding:
             return False
-        cycle.transport.write(b"%x\r\n%b\r\n" % (len(body), body))
+        # The fan-out writes one event's bytes to every subscriber in a row: frame them
+        # once (the cache keeps the last body alive, so the identity check is sound).
+        global _last_body, _last_frame
+        if body is not _last_body:
+            _last_frame = b"%x\r\n%b\r\n" % (len(body), body)
+            _last_body = body
+        cycle.transport.write(_last_frame)
         return True
 
     def finish(self, body: bytes) -> None:
