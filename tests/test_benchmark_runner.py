@@ -136,7 +136,7 @@ def test_plan(bench: ModuleType) -> None:
         assert (target, "fanout", 10_000) in pairs
         assert (target, "throughput", 100) in pairs
         assert (target, "throughput", 1_000) in pairs
-        assert (target, "churn", 20_000) in pairs
+        assert (target, "churn", 60_000) in pairs
     assert [j.target for j in jobs if j.scenario == "publish-hub"] == ["ssehub"]
     assert ("naive", "publish-http", 32) not in pairs
     # info logging: a few cases only
