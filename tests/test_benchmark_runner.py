@@ -260,3 +260,34 @@ def test_repeated_fanout_rounds_show_the_median_run(bench: ModuleType) -> None:
     tables = {t.figure.key: t for t in bench.build_tables(runs)}
     cpu = rows_by(tables["cpu_per_delivery"])
     assert cpu[("1,000 subscribers", "ssehub")].verdict == "**fail**"
+
+
+def test_churn_growth_is_the_smaller_half(bench: ModuleType) -> None:
+    def churn(target: str, whole: float, halves: list[float] | None) -> Any:
+        report = {
+            "scenario": "churn",
+            "cycles": 60_000,
+            "warmup_cycles": 20_000,
+            "cycles_per_second": 9000.0,
+            "bytes_per_cycle": whole,
+            "bytes_per_cycle_halves": halves,
+            "open_files_delta": 0,
+            "server": {"open_files_before": 19, "open_files_after": 19},
+        }
+        return bench.RunResult(target, "churn", 60_000, "ok", report=report)
+
+    # a one-off step in the first half vs a leak in both halves vs an old report
+    runs = [churn("ssehub", 3.6, [7.0, 0.2]), churn("naive", 5.0, [5.0, 5.0])]
+    runs.append(churn("floor", 0.1, None))
+    tables = {t.figure.key: t for t in bench.build_tables(runs)}
+    memory = rows_by(tables["churn_memory"])
+    case = "60,000 cycles after 20,000"
+    assert memory[(case, "ssehub")].value == 0.2
+    assert memory[(case, "ssehub")].verdict == "pass"
+    assert memory[(case, "naive")].value == 5.0
+    assert memory[(case, "naive")].verdict == "**fail**"
+    assert memory[(case, "floor")].value == 0.1
+    assert any(
+        "3.60 bytes per cycle over the whole run; first half 7.00, second half 0.20" in n
+        for n in tables["churn_memory"].notes
+    )

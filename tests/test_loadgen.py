@@ -333,6 +333,10 @@ async def test_churn_opens_and_closes_streams(server: Server) -> None:
     stats = report["server"]
     assert abs(stats["open_files_after"] - stats["open_files_before"]) <= 5
     assert isinstance(report["bytes_per_cycle"], float)
+    halves = report["bytes_per_cycle_halves"]
+    assert len(halves) == 2 and all(isinstance(h, float) for h in halves)
+    # the halves add up to the whole (each over half the cycles)
+    assert (halves[0] + halves[1]) / 2 == pytest.approx(report["bytes_per_cycle"], abs=0.02)
 
 
 async def test_throughput_runs_each_step(server: Server) -> None:

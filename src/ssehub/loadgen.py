@@ -1781,6 +1781,7 @@ def _base_report(config: LoadConfig) -> dict[str, Any]:
         "max_rate_ok": None,
         "cycles": None,
         "bytes_per_cycle": None,
+        "bytes_per_cycle_halves": None,
     }
 
 
@@ -2005,9 +2006,18 @@ async def _churn(run: _Run, report: dict[str, Any]) -> None:
     await _settle(run, None)
     before = run.sample_server()
     cpu_before = await run.loadgen_cpu()
+    # Two halves, the server sampled in between: a leak grows in both, while a one-off
+    # step (an allocator arena, a table sized for a new peak of open connections) shows
+    # in one only.
+    first = config.cycles // 2
     started = time.monotonic()
-    results = await cycles(config.cycles, "churn")
+    results = await cycles(first, "churn (first half)")
     seconds = time.monotonic() - started
+    await _settle(run, before)
+    middle = run.sample_server()
+    started = time.monotonic()
+    results += await cycles(config.cycles - first, "churn (second half)")
+    seconds += time.monotonic() - started
     await _settle(run, before)
     after = run.sample_server()
     errors: Counter[str] = Counter()
@@ -2031,6 +2041,11 @@ async def _churn(run: _Run, report: dict[str, Any]) -> None:
     if server is not None and before is not None and after is not None:
         server["rss_bytes_per_stream"] = None
         report["bytes_per_cycle"] = round((after.rss_bytes - before.rss_bytes) / config.cycles, 2)
+        if middle is not None and first and config.cycles - first:
+            report["bytes_per_cycle_halves"] = [
+                round((middle.rss_bytes - before.rss_bytes) / first, 2),
+                round((after.rss_bytes - middle.rss_bytes) / (config.cycles - first), 2),
+            ]
         report["open_files_delta"] = after.open_files - before.open_files
     report["server"] = server
     report.update(_loadgen_cpu(cpu_before, await run.loadgen_cpu(), seconds))
