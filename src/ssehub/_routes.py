@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+import functools
 import json
-from collections.abc import Awaitable, Mapping
+from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Any, Final, NamedTuple
 from urllib.parse import parse_qsl
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.routing import Route
-from starlette.types import Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ._channel import DisconnectReason
 from ._config import DEFAULT_POLL_TIMEOUT
@@ -61,26 +62,8 @@ def error_response(exc: HubError) -> JSONResponse:
     )
 
 
-def last_event_id_of(request: Request) -> str | None:
-    """The resume point: the ``Last-Event-ID`` header, else a query parameter alias."""
-    return resume_point(request.headers.get("last-event-id"), request.query_params)
-
-
-def resume_point(header: str | None, query: Mapping[str, str]) -> str | None:
-    """The ``Last-Event-ID`` header's value if not empty, else the first non-empty query
-    parameter alias (for clients that cannot set headers, like a browser's EventSource
-    opened anew)."""
-    if header:
-        return header
-    for name in LAST_EVENT_ID_ALIASES:
-        value = query.get(name)
-        if value:
-            return value
-    return None
-
-
 class StreamRequest(NamedTuple):
-    """What ``GET /events`` asks for, read straight from the ASGI scope."""
+    """What ``GET /events`` (or ``/poll``) asks for, read straight from the ASGI scope."""
 
     topics: list[str]
     resume: str | None
@@ -103,10 +86,15 @@ def stream_request(scope: Scope) -> StreamRequest:
                 header = value.decode("latin-1")
         elif name == b"accept" and accept is None:
             accept = value.decode("latin-1")
+    if not header:
+        # clients that cannot set headers (a browser's EventSource opened anew) may
+        # give the resume point as a query parameter
+        query = dict(pairs)
+        header = next((query[name] for name in LAST_EVENT_ID_ALIASES if query.get(name)), None)
     client = scope.get("client")
     return StreamRequest(
         topics,
-        header or resume_point(None, dict(pairs)),
+        header,
         f"{client[0]}:{client[1]}" if client else "",
         client[0] if client else "",
         accept is not None and "text/event-stream" in accept,
@@ -124,11 +112,6 @@ def query_pairs(query_string: bytes) -> list[tuple[str, str]]:
             name, _, value = part.partition("=")
             pairs.append((name, value))
     return pairs
-
-
-def peer_of(request: Request) -> str:
-    client = request.client
-    return f"{client.host}:{client.port}" if client else ""
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -255,10 +238,16 @@ class EventsEndpoint:
     def __call__(self, scope: Scope, receive: Receive, send: Send) -> Awaitable[None]:
         # A plain function returning the response's coroutine: no frame of its own stays
         # suspended for the stream's lifetime.
+        return self.app_for(scope)(scope, receive, send)
+
+    def app_for(self, scope: Scope) -> ASGIApp:
+        """What answers this request: the response (:meth:`respond`), or, when the
+        resume point is beyond this node's rings (shared log), an app that first waits
+        for them to catch up."""
         request = stream_request(scope)
         if self.hub.must_catch_up(request.resume):
-            return self._after_catch_up(request, scope, receive, send)
-        return self.respond(request)(scope, receive, send)
+            return functools.partial(self._after_catch_up, request)
+        return self.respond(request)
 
     async def _after_catch_up(
         self, request: StreamRequest, scope: Scope, receive: Receive, send: Send
@@ -299,8 +288,8 @@ def build_router(hub: Hub) -> APIRouter:
 
     @router.get("/poll", summary="Long-poll fallback: events after last_event_id, as JSON")
     async def poll(request: Request) -> Response:
-        topics = request.query_params.getlist("topic")
-        if not topics:
+        wanted = stream_request(request.scope)
+        if not wanted.topics:
             return error_response(
                 InvalidRequestError("missing query parameter 'topic' (e.g. /poll?topic=demo)")
             )
@@ -317,10 +306,7 @@ def build_router(hub: Hub) -> APIRouter:
             )
         try:
             items, position = await hub.poll(
-                topics,
-                last_event_id=last_event_id_of(request),
-                timeout=timeout,
-                peer=peer_of(request),
+                wanted.topics, last_event_id=wanted.resume, timeout=timeout, peer=wanted.peer
             )
         except HubError as exc:
             return error_response(exc)
