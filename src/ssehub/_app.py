@@ -50,7 +50,6 @@ def create_app(
         }
         app.add_middleware(CORSMiddleware, **cors)
         events = CORSMiddleware(events, **cors)
-        app.cors = True
         publish = CORSMiddleware(publish, **cors)
     app.events_endpoint = events
     app.publish_endpoint = publish
@@ -68,16 +67,21 @@ class HubApp(FastAPI):
     events_endpoint: ASGIApp | None = None
     publish_endpoint: ASGIApp | None = None
     bare_events: EventsEndpoint | None = None
-    cors = False
     own_middleware = 0
+
+    @property
+    def hub(self) -> Hub:
+        hub: Hub = self.state.hub
+        return hub
 
     def direct_events(self, has_origin: bool) -> EventsEndpoint | None:
         """The bare ``GET /events`` endpoint, for a server that serves streams itself
         (``ssehub serve``), when a request would reach it unchanged: no middleware of
-        the user's, and no CORS headers to add (CORS on and an ``Origin`` header)."""
+        the user's, and no CORS headers to add (CORS wraps the endpoint, and the request
+        has an ``Origin`` header: CORS passes requests without one through untouched)."""
         if self.bare_events is None or len(self.user_middleware) != self.own_middleware:
             return None
-        if self.cors and has_origin:
+        if has_origin and self.events_endpoint is not self.bare_events:
             return None
         return self.bare_events
 

@@ -155,10 +155,6 @@ class HubStreamResponse(Response):
         sub.live = True
         sub.catch_up()
 
-    def close(self, reason: DisconnectReason) -> None:
-        """Ask the stream to end (it ends soon, with a goodbye when ``reason`` has one)."""
-        self._sub.close(reason)
-
     def end_direct(self) -> None:
         """End a stream started by :meth:`start_direct` (idempotent): the goodbye and the
         end of the response when the client is still there, then release and log."""

@@ -48,13 +48,17 @@ from ._exceptions import ConfigError
 from ._hub import Hub
 from ._logging import LogFormat
 from ._responses import HubStreamResponse
-from ._routes import stream_request
 from ._stream import CONNECTION_EXTENSION
 
 logger = logging.getLogger("ssehub.server")
 
 KEEP_ALIVE_TIMEOUT = 65
 """Seconds an idle keep-alive connection is kept; above common proxy/LB idle timeouts."""
+
+
+def _chunk(body: bytes) -> bytes:
+    """``body`` as one chunk of a chunked HTTP/1.1 body, framed as uvicorn frames it."""
+    return b"%x\r\n%b\r\n" % (len(body), body)
 
 
 _last_body: bytes | None = None
@@ -95,8 +99,7 @@ class UvicornConnection:
             content += (name, b": ", value, b"\r\n")
         if not cycle.keep_alive:
             content.append(b"connection: close\r\n")
-        content.append(b"transfer-encoding: chunked\r\n\r\n%x\r\n" % len(body))
-        content += (body, b"\r\n")
+        content += (b"transfer-encoding: chunked\r\n\r\n", _chunk(body))
         cycle.transport.write(b"".join(content))
 
     def write(self, body: bytes) -> bool:
@@ -112,7 +115,7 @@ class UvicornConnection:
         # once (the cache keeps the last body alive, so the identity check is sound).
         global _last_body, _last_frame
         if body is not _last_body:
-            _last_frame = b"%x\r\n%b\r\n" % (len(body), body)
+            _last_frame = _chunk(body)
             _last_body = body
         cycle.transport.write(_last_frame)
         return True
@@ -123,8 +126,7 @@ class UvicornConnection:
         cycle = self.cycle
         if cycle.disconnected or cycle.response_complete:
             return
-        chunk = b"%x\r\n%b\r\n0\r\n\r\n" % (len(body), body) if body else b"0\r\n\r\n"
-        cycle.transport.write(chunk)
+        cycle.transport.write((_chunk(body) if body else b"") + b"0\r\n\r\n")
         cycle.response_complete = True
         cycle.message_event.set()
         if not cycle.keep_alive:
@@ -177,11 +179,8 @@ class HubHttpToolsProtocol(HttpToolsProtocol):
     def _direct_app(self, scope: Scope) -> ASGIApp | None:
         """What answers this ``GET /events`` once the server applied what the app's
         wrappers would (proxy headers), or None: take uvicorn's path."""
-        app: Any = self.app
-        proxy = None
-        if isinstance(app, ProxyHeadersMiddleware):
-            app, proxy = app.app, app
-        if not isinstance(app, HubApp):
+        app, proxy = self._hub_app()
+        if app is None:
             return None
         has_origin = forwarded = False
         for name, _ in scope["headers"]:
@@ -194,10 +193,7 @@ class HubHttpToolsProtocol(HttpToolsProtocol):
             return None
         if proxy is not None and forwarded:
             _apply_proxy_headers(proxy, scope)
-        request = stream_request(scope)
-        if endpoint.hub.must_catch_up(request.resume):
-            return endpoint
-        return endpoint.respond(request)
+        return endpoint.app_for(scope)
 
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)
@@ -213,16 +209,19 @@ class HubHttpToolsProtocol(HttpToolsProtocol):
         # uvicorn ends idle connections and waits for open responses, which streams never
         # end by themselves: drain the hub (once; idempotent) so every stream, with or
         # without a task, gets its goodbye and closes.
-        hub = self._hub()
-        if hub is not None and self.cycle is not None and not self.cycle.response_complete:
-            hub.begin_drain()
+        app, _ = self._hub_app()
+        if app is not None and self.cycle is not None and not self.cycle.response_complete:
+            app.hub.begin_drain()
         super().shutdown()
 
-    def _hub(self) -> Hub | None:
+    def _hub_app(self) -> tuple[HubApp | None, ProxyHeadersMiddleware | None]:
+        """The standalone hub app this server runs, and uvicorn's proxy-headers
+        middleware around it if any; (None, None) for any other app."""
         app: Any = self.app
+        proxy = None
         if isinstance(app, ProxyHeadersMiddleware):
-            app = app.app
-        return app.bare_events.hub if isinstance(app, HubApp) and app.bare_events else None
+            app, proxy = app.app, app
+        return (app, proxy) if isinstance(app, HubApp) else (None, None)
 
 
 def _nothing() -> None:
