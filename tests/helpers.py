@@ -42,6 +42,15 @@ async def wait_until(
         await asyncio.sleep(0.01)
 
 
+async def read_chunk(reader: asyncio.StreamReader) -> bytes | None:
+    """The next chunk of a chunked HTTP/1.1 body read raw, or None at its last chunk."""
+    size = int((await reader.readuntil(b"\r\n")).split(b";", 1)[0], 16)
+    if size == 0:
+        await reader.readuntil(b"\r\n")
+        return None
+    return (await reader.readexactly(size + 2))[:-2]
+
+
 def open_fds() -> int:
     return len(os.listdir("/proc/self/fd"))
 

@@ -19,7 +19,14 @@ import uvicorn
 from ssehub import Hub, create_app, server_config
 from ssehub._wire import SSEDecoder
 
-from ..helpers import SERVER_PROTOCOLS, open_stream, publish, run_server, wait_until
+from ..helpers import (
+    SERVER_PROTOCOLS,
+    open_stream,
+    publish,
+    read_chunk,
+    run_server,
+    wait_until,
+)
 
 BOTH = pytest.mark.parametrize("protocol", ["ssehub", "uvicorn"])
 
@@ -54,18 +61,6 @@ async def raw_connection(port: int) -> AsyncIterator[RawConnection]:
 
 def without_date(head: bytes) -> bytes:
     return b"\r\n".join(line for line in head.split(b"\r\n") if not line.startswith(b"date:"))
-
-
-def events_of(chunked_body: bytes) -> list[tuple[str, str]]:
-    """(event, data) of every event in a chunked SSE body (chunk sizes stripped)."""
-    payload = b""
-    rest = chunked_body
-    while rest:
-        size_line, _, rest = rest.partition(b"\r\n")
-        size = int(size_line, 16)
-        payload += rest[:size]
-        rest = rest[size + 2 :]
-    return [(e.event, e.data) for e in SSEDecoder().feed(payload)]
 
 
 @pytest.mark.parametrize(("protocol", "tasks_while_open"), [("ssehub", 0), ("uvicorn", 5)])
@@ -121,9 +116,10 @@ async def test_a_stream_the_hub_ends_leaves_the_connection_reusable(protocol: st
     ):
         await connection.request("/events?topic=t")
         await connection.read_until(b"\r\n\r\n")
-        body = await connection.read_until(b"\r\n0\r\n\r\n")  # the end of the response
-        events = events_of(body[: -len(b"0\r\n\r\n")])
-        assert events[-1] == (
+        decoder, events = SSEDecoder(), []
+        while (chunk := await asyncio.wait_for(read_chunk(connection.reader), 5)) is not None:
+            events += decoder.feed(chunk)  # until the end of the response
+        assert (events[-1].event, events[-1].data) == (
             "disconnect",
             json.dumps({"reason": "lifetime"}, separators=(",", ":")),
         )

@@ -27,7 +27,7 @@ import pytest
 
 from ssehub._wire import ServerEvent, SSEDecoder
 
-from ..helpers import wait_until
+from ..helpers import read_chunk, wait_until
 from ..processes import HubProcess, hub_processes
 from ..redis_support import RedisServer, free_port, redis_unavailable
 
@@ -158,10 +158,10 @@ class SSEClient:
             decoder = SSEDecoder(self.last_id)
             while True:
                 if chunked:
-                    size = int((await reader.readuntil(b"\r\n")).split(b";", 1)[0], 16)
-                    if size == 0:
+                    chunk = await read_chunk(reader)
+                    if chunk is None:
                         return  # the body ended: the server closed the stream
-                    data = (await reader.readexactly(size + 2))[:-2]
+                    data = chunk
                 else:
                     data = await reader.read(65536)
                     if not data:
@@ -315,6 +315,27 @@ async def test_kill_9_one_node_while_200_clients_stream(
             assert all({i.connection for i in c.items} == {1, 2} for c in on_a)
 
 
+@contextlib.asynccontextmanager
+async def node_with_streams(
+    tmp_path: Path, server: RedisServer, streams: int, events: int, timeout: float = 10
+) -> AsyncIterator[tuple[HubProcess, httpx.AsyncClient, list[SSEClient], list[int]]]:
+    """A hub on ``server`` (a fresh key prefix) with ``streams`` open streams of topic
+    ``k`` that each got ``events`` acknowledged events: yields the node, an HTTP client
+    (``timeout``), the stream clients and the acknowledged ids."""
+    backend = f"{server.url}?prefix=faults-{uuid.uuid4().hex[:8]}"
+    async with (
+        hub_nodes(tmp_path, {"node": backend}) as (node,),
+        httpx.AsyncClient(timeout=timeout) as http,
+        running([SSEClient(node.port, "k") for _ in range(streams)]) as clients,
+    ):
+        await wait_until(lambda: all(c.initial is not None for c in clients), 15, "streams open")
+        acked = [int((await publish(http, node, "k", n)).json()["id"]) for n in range(events)]
+        await wait_until(
+            lambda: all(c.messages[-1:] == acked[-1:] for c in clients), 15, "delivered"
+        )
+        yield node, http, clients, acked
+
+
 async def test_redis_restart_with_persistence_loses_nothing(
     tmp_path: Path, disk_redis: Callable[[bool], RedisServer]
 ) -> None:
@@ -323,18 +344,7 @@ async def test_redis_restart_with_persistence_loses_nothing(
     acknowledged event, from before and after the restart, exactly once and in order."""
     server = disk_redis(True)
     await asyncio.to_thread(server.start)
-    backend = f"{server.url}?prefix=faults-{uuid.uuid4().hex[:8]}"
-    async with (
-        hub_nodes(tmp_path, {"node": backend}) as (node,),
-        httpx.AsyncClient(timeout=10) as http,
-        running([SSEClient(node.port, "k") for _ in range(5)]) as clients,
-    ):
-        await wait_until(lambda: all(c.initial is not None for c in clients), 15, "streams open")
-        acked = [int((await publish(http, node, "k", n)).json()["id"]) for n in range(10)]
-        await wait_until(
-            lambda: all(c.messages[-1:] == acked[-1:] for c in clients), 15, "delivered"
-        )
-
+    async with node_with_streams(tmp_path, server, 5, 10) as (node, http, clients, acked):
         await asyncio.to_thread(server.stop)
         readyz = await http.get(f"{node.url}/readyz")
         assert readyz.status_code == 503, readyz.text
@@ -417,18 +427,7 @@ async def test_redis_back_empty_resets_streams_instead_of_silent_gaps(
     gets a reset, not a partial replay; new ids stay above every id issued before."""
     server = disk_redis(False)
     await asyncio.to_thread(server.start)
-    backend = f"{server.url}?prefix=faults-{uuid.uuid4().hex[:8]}"
-    async with (
-        hub_nodes(tmp_path, {"node": backend}) as (node,),
-        httpx.AsyncClient(timeout=10) as http,
-        running([SSEClient(node.port, "k") for _ in range(5)]) as clients,
-    ):
-        await wait_until(lambda: all(c.initial is not None for c in clients), 15, "streams open")
-        acked = [int((await publish(http, node, "k", n)).json()["id"]) for n in range(10)]
-        await wait_until(
-            lambda: all(c.messages[-1:] == acked[-1:] for c in clients), 15, "delivered"
-        )
-
+    async with node_with_streams(tmp_path, server, 5, 10) as (node, http, clients, acked):
         await asyncio.to_thread(server.stop)
         await assert_fails_fast(http, node)
         await asyncio.to_thread(server.start)  # same port, nothing on disk: empty
@@ -485,17 +484,12 @@ async def test_frozen_redis_fails_publishes_fast_and_streams_resume(
     waiting for Redis, fails fast; the open streams stay open and get every acknowledged
     event once Redis answers again."""
     server = await asyncio.to_thread(start_redis)
-    backend = f"{server.url}?prefix=faults-{uuid.uuid4().hex[:8]}"
-    async with (
-        hub_nodes(tmp_path, {"node": backend}) as (node,),
-        httpx.AsyncClient(timeout=15) as http,
-        running([SSEClient(node.port, "k") for _ in range(3)]) as clients,
+    async with node_with_streams(tmp_path, server, 3, 5, timeout=15) as (
+        node,
+        http,
+        clients,
+        acked,
     ):
-        await wait_until(lambda: all(c.initial is not None for c in clients), 15, "streams open")
-        acked = [int((await publish(http, node, "k", n)).json()["id"]) for n in range(5)]
-        await wait_until(
-            lambda: all(c.messages[-1:] == acked[-1:] for c in clients), 15, "delivered"
-        )
 
         async def attempt(delay: float) -> tuple[httpx.Response, float]:
             await asyncio.sleep(delay)  # publishers arrive one after another

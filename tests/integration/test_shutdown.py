@@ -18,7 +18,7 @@ import httpx
 
 from ssehub._wire import ServerEvent, SSEDecoder
 
-from ..helpers import open_stream, publish, wait_until
+from ..helpers import open_stream, publish, read_chunk, wait_until
 from ..processes import HubProcess, hub_processes
 
 GRACE = 5.0
@@ -64,16 +64,10 @@ class RawStream:
 
     async def pump(self) -> None:
         """Decode events until the body ends, then wait for the server to close."""
-        reader = self.reader
-        while True:
-            size = int((await reader.readuntil(b"\r\n")).split(b";", 1)[0], 16)
-            if size == 0:
-                await reader.readuntil(b"\r\n")
-                self.complete = True
-                break
-            chunk = await reader.readexactly(size + 2)
-            self.events.extend(self.decoder.feed(chunk[:-2]))
-        self.eof = await reader.read() == b""
+        while (chunk := await read_chunk(self.reader)) is not None:
+            self.events.extend(self.decoder.feed(chunk))
+        self.complete = True
+        self.eof = await self.reader.read() == b""
 
     async def close(self) -> None:
         self.writer.close()
