@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import io
 import json
 import logging
@@ -385,3 +387,145 @@ def test_redact_url_never_raises(odd: str) -> None:
     result = redact_url(odd)
     assert isinstance(result, str)
     assert "token=a" not in result
+
+
+class Collect(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+ACCESS_FIELDS: dict[str, Any] = {
+    "topics": ["a", "b"],
+    "client": "127.0.0.1:5000",
+    "resume_from": None,
+    "path": "/events?topic=a&token=abc123",
+    "duration_s": 1.25,
+    "bytes": 99,
+}
+
+
+@contextlib.contextmanager
+def only_our_handler() -> Iterator[None]:
+    """Take pytest's capture handlers (added for each test phase) off the root logger,
+    so the handler configure_logging added is the only output, as under ssehub serve."""
+    root = logging.getLogger()
+    others = [h for h in root.handlers if type(h).__module__ != "ssehub._logging"]
+    for handler in others:
+        root.removeHandler(handler)
+    try:
+        yield
+    finally:
+        for handler in others:
+            root.addHandler(handler)
+
+
+def test_access_lines_written_directly_match_the_record_path() -> None:
+    """configure_logging writes access lines straight to its handler (no LogRecord)
+    while nothing else would see them; a filter on the way makes them take the record
+    path instead, and the line must not change."""
+    out = io.StringIO()
+    configure_logging(fmt="json", stream=out)
+    made: list[logging.LogRecord] = []
+    factory = logging.getLogRecordFactory()
+
+    def counting_factory(*args: Any, **kwargs: Any) -> logging.LogRecord:
+        made.append(factory(*args, **kwargs))
+        return made[-1]
+
+    seen: list[logging.LogRecord] = []
+
+    def spy(record: logging.LogRecord) -> bool:
+        seen.append(record)
+        return True
+
+    access = logging.getLogger("ssehub.access")
+    with only_our_handler():
+        logging.setLogRecordFactory(counting_factory)
+        try:
+            access_logger().info("stream.close", **ACCESS_FIELDS)
+            assert made == []  # written directly
+            access.addFilter(spy)
+            access_logger().info("stream.close", **ACCESS_FIELDS)
+        finally:
+            access.removeFilter(spy)
+            logging.setLogRecordFactory(factory)
+    assert made == seen and len(seen) == 1  # the second line was a record
+    assert "abc123" not in out.getvalue()
+    direct, through_record = lines = json_lines(out.getvalue())
+    for line in lines:
+        datetime.fromisoformat(line.pop("timestamp").replace("Z", "+00:00"))
+    assert direct == through_record
+    assert direct["path"] == "/events?topic=a&token=***"
+    assert direct["logger"] == "ssehub.access" and direct["level"] == "info"
+    assert direct["topics"] == ["a", "b"] and direct["resume_from"] is None
+
+
+def test_access_lines_reach_handlers_added_after_configure() -> None:
+    out = io.StringIO()
+    configure_logging(fmt="json", stream=out)
+    extra = Collect()
+    with only_our_handler():
+        logging.getLogger().addHandler(extra)
+        try:
+            access_logger().info("stream.open", topics=["a"], client="1.2.3.4:5")
+        finally:
+            logging.getLogger().removeHandler(extra)
+    [record] = extra.records
+    assert record.getMessage() == "stream.open"
+    assert record.topics == ["a"]  # type: ignore[attr-defined]
+    (line,) = json_lines(out.getvalue())
+    assert line["event"] == "stream.open" and line["client"] == "1.2.3.4:5"
+
+
+def test_access_lines_respect_the_access_log_switch() -> None:
+    out = io.StringIO()
+    configure_logging(fmt="json", stream=out, access_log=False)
+    access_logger().info("stream.open", topics=["a"], client="1.2.3.4:5")
+    logging.getLogger("ssehub.hub").info("still here")
+    assert [line["event"] for line in json_lines(out.getvalue())] == ["still here"]
+
+
+def test_bound_context_variables_reach_every_json_line() -> None:
+    out = io.StringIO()
+    configure_logging(fmt="json", stream=out)
+    structlog.contextvars.bind_contextvars(node="n1", hint="/x?token=t0k")
+    try:
+        with only_our_handler():
+            access_logger().info("stream.open", topics=["a"], client="1.2.3.4:5")
+        logging.getLogger("ssehub.hub").info("plain")
+        structlog.get_logger("ssehub.test").info("from structlog")
+    finally:
+        structlog.contextvars.clear_contextvars()
+    lines = json_lines(out.getvalue())
+    assert [line["event"] for line in lines] == ["stream.open", "plain", "from structlog"]
+    assert all(line["node"] == "n1" for line in lines), lines
+    assert all(line["hint"] == "/x?token=***" for line in lines), lines
+
+
+async def test_access_lines_of_a_loop_step_are_written_together_in_order() -> None:
+    """Under a running loop, direct access lines wait for the end of the loop's step (one
+    write for all of them); a line through the record path writes them first, so the
+    order never changes; and nothing waits past the step."""
+    out = io.StringIO()
+    configure_logging(fmt="json", stream=out)
+
+    def events() -> list[str]:
+        return [line["event"] for line in json_lines(out.getvalue())] if out.getvalue() else []
+
+    with only_our_handler():
+        access_logger().info("stream.open", topics=["a"], client="1.2.3.4:5")
+        access_logger().info("stream.close", topics=["a"], client="1.2.3.4:5")
+        assert events() == []
+        logging.getLogger("ssehub.hub").info("published")
+        assert events() == ["stream.open", "stream.close", "published"]
+        access_logger().info("stream.open", topics=["b"], client="1.2.3.4:6")
+        await asyncio.sleep(0)  # the end of this step
+        assert events() == ["stream.open", "stream.close", "published", "stream.open"]
+        access_logger().info("stream.refused", topics=["c"], client="1.2.3.4:7")
+        assert events()[-1] == "stream.open"
+        configure_logging(fmt="json", stream=io.StringIO())  # the old handler writes all
+        assert events()[-1] == "stream.refused"

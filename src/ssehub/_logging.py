@@ -13,10 +13,15 @@ field that holds a query string as a last line of defence.
 
 from __future__ import annotations
 
+import asyncio
+import json
 import logging
 import re
 import sys
+import time
 from collections.abc import Mapping
+from datetime import UTC, datetime
+from functools import lru_cache
 from typing import Any, Final, Literal, TextIO, final
 from urllib.parse import unquote_plus
 
@@ -29,6 +34,7 @@ __all__ = [
     "access_logger",
     "configure_logging",
     "redact_url",
+    "skip_caller_lookup",
 ]
 
 LogFormat = Literal["auto", "json", "console"]
@@ -57,12 +63,15 @@ TRACE_LEVEL: Final = 5
 UVICORN_LOGGERS: Final = ("uvicorn", "uvicorn.error", "uvicorn.access")
 ACCESS_LOGGER_NAME: Final = "ssehub.access"
 
+_REDACTED_MARK: Final = "_ssehub_redacted"
+"""Set on a record whose message and arguments `RedactQueryFilter` has masked."""
 _PAIR_SEPARATORS: Final = re.compile(r"([&;])")
 _WORD: Final = re.compile(r"\S+")
 _MAX_UNQUOTE_ROUNDS: Final = 3
 _MAX_NESTED_URLS: Final = 3
 
 
+@lru_cache(maxsize=1024)  # parameter names repeat (topic, last_event_id, token...)
 def _is_sensitive(name: str) -> bool:
     # Undo percent-encoding a few times so ``%2574oken`` cannot slip through.
     for _ in range(_MAX_UNQUOTE_ROUNDS):
@@ -150,6 +159,9 @@ class RedactQueryFilter(logging.Filter):
             record.args = tuple(_redact_value(arg) for arg in args)
         elif isinstance(args, Mapping):
             record.args = {key: _redact_value(value) for key, value in args.items()}
+        # The message and its arguments are clean now: the JSON formatter need not
+        # redact them a second time (the extras it still does).
+        record.__dict__[_REDACTED_MARK] = True
         return True
 
 
@@ -187,6 +199,81 @@ def _redact_event_dict(_: WrappedLogger, __: str, event_dict: EventDict) -> Even
     return event_dict
 
 
+_RECORD_KEYS: Final = frozenset(
+    logging.LogRecord("name", 0, "pathname", 0, "msg", (), None).__dict__
+) | {"message", "asctime", "color_message", _REDACTED_MARK}
+"""A record's own attributes: everything else on a record came from ``extra={...}``
+(``color_message`` is uvicorn's coloured copy of the message, never output)."""
+
+_UVICORN_ACCESS_FIELDS: Final = ("client_addr", "method", "path", "http_version", "status_code")
+_encode_json: Final = json.JSONEncoder(default=repr).encode
+
+
+_last_second: tuple[int, str] = (-1, "")  # the last whole second formatted, and its text
+
+
+def _timestamp(created: float) -> str:
+    """ISO 8601 in UTC with microseconds, as structlog's ``TimeStamper(fmt="iso")``."""
+    global _last_second
+    second = int(created)
+    cached = _last_second  # one read: another thread may replace it
+    if cached[0] != second:
+        cached = _last_second = (
+            second,
+            datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%S"),
+        )
+    return f"{cached[1]}.{int((created - second) * 1_000_000):06d}Z"
+
+
+def _line(event: str, level: str, logger: str, created: float) -> dict[str, Any]:
+    """The first fields of a JSON line, as structlog's chain puts them: the event, any
+    context variables bound with ``structlog.contextvars``, level, logger, timestamp."""
+    line: dict[str, Any] = {"event": event}
+    for key, value in structlog.contextvars.get_contextvars().items():
+        line.setdefault(key, _redact_value(value))
+    line["level"] = level
+    line["logger"] = logger
+    line["timestamp"] = _timestamp(created)
+    return line
+
+
+@final
+class _JSONFormatter(structlog.stdlib.ProcessorFormatter):
+    """JSON lines: structlog's processor chain for records from structlog loggers, and a
+    direct path for stdlib records, which are every line ssehub and uvicorn write.
+
+    The direct path writes the same fields as the chain did (``event``, ``level``,
+    ``logger``, ``timestamp``, bound context variables, the extras, uvicorn's access
+    fields, ``exception``), redacted the same way, for about a third of the CPU: a
+    stream under ``ssehub serve`` at ``info`` writes two access lines, and through the
+    chain those cost more than the stream itself (docs/benchmarks.md).
+    """
+
+    def format(self, record: logging.LogRecord) -> str:
+        if "_logger" in record.__dict__:  # set by structlog's wrap_for_formatter
+            return super().format(record)
+        clean = _REDACTED_MARK in record.__dict__
+        message = record.getMessage()
+        line = _line(
+            message if clean else _redact_text(message),
+            record.levelname.lower(),
+            record.name,
+            record.created,
+        )
+        for key, value in record.__dict__.items():
+            if key not in _RECORD_KEYS:
+                line[key] = _redact_value(value)
+        args = record.args
+        if record.name == "uvicorn.access" and isinstance(args, tuple) and len(args) == 5:
+            for key, value in zip(_UVICORN_ACCESS_FIELDS, args, strict=True):
+                line[key] = value if clean else _redact_value(value)
+        if record.exc_info:
+            line["exception"] = self.formatException(record.exc_info)
+        if record.stack_info:
+            line["stack"] = record.stack_info
+        return _encode_json(line)
+
+
 @final
 class _RootHandler(logging.StreamHandler[TextIO]):
     """The handler `configure_logging` owns on the root logger.
@@ -199,6 +286,8 @@ class _RootHandler(logging.StreamHandler[TextIO]):
     def __init__(self, stream: TextIO | None) -> None:
         logging.Handler.__init__(self)
         self._stream = stream
+        self._pending: list[str] = []
+        self._scheduled = False
 
     @property
     def stream(self) -> TextIO:
@@ -207,6 +296,66 @@ class _RootHandler(logging.StreamHandler[TextIO]):
     @stream.setter
     def stream(self, value: TextIO) -> None:
         self._stream = value
+
+    def sole_output(self, logger: logging.Logger) -> bool:
+        """Whether this handler is all that a record of ``logger`` would meet: no
+        filter and no other handler on the way from ``logger`` to the root."""
+        if self.filters:
+            return False
+        current: logging.Logger | None = logger
+        while current is not None:
+            if current.filters:
+                return False
+            if current is logging.root:
+                return current.handlers == [self]
+            if current.handlers or not current.propagate:
+                return False
+            current = current.parent
+        return False
+
+    def write_line(self, line: str) -> None:
+        """Write one formatted line as `emit` would; from an event loop's thread, at the
+        end of the loop's current step, together with the other lines of that step."""
+        with self.lock:  # type: ignore[union-attr]  # Handler.__init__ made it
+            self._pending.append(line)
+            if self._scheduled:
+                return
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:  # no loop in this thread: now
+                self._write_pending()
+                return
+            self._scheduled = True
+        loop.call_soon(self.flush)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self._pending:  # Handler.handle holds the lock
+            self._write_pending()
+        super().emit(record)
+
+    def flush(self) -> None:
+        with self.lock:  # type: ignore[union-attr]
+            self._write_pending()
+            super().flush()
+
+    def _write_pending(self) -> None:
+        self._scheduled = False
+        if not self._pending:
+            return
+        text = "\n".join(self._pending) + "\n"
+        self._pending.clear()
+        try:
+            stream = self.stream
+            stream.write(text)
+            stream.flush()
+        except RecursionError:
+            raise
+        except Exception:
+            self.handleError(logging.makeLogRecord({"msg": text}))
+
+    def close(self) -> None:
+        self.flush()
+        super().close()
 
 
 def _parse_level(level: str) -> int:
@@ -287,7 +436,7 @@ def configure_logging(
             _redact_event_dict,
             renderer,
         ]
-    formatter = structlog.stdlib.ProcessorFormatter(
+    formatter = (structlog.stdlib.ProcessorFormatter if console else _JSONFormatter)(
         foreign_pre_chain=[
             *shared,
             structlog.stdlib.ExtraAdder(),
@@ -305,6 +454,7 @@ def configure_logging(
     handler = _RootHandler(stream)
     handler.setFormatter(formatter)
     root.addHandler(handler)
+    _ACCESS_LOGGER.write_json_to(None if console else handler)
     root.setLevel(numeric_level)
 
     for name in UVICORN_LOGGERS:
@@ -320,28 +470,69 @@ def configure_logging(
         access.addFilter(RedactQueryFilter())
 
 
+def skip_caller_lookup() -> None:
+    """Stop the stdlib from finding the calling file, line, thread and process of every
+    record, as the logging HOWTO's "Optimization" section describes.
+
+    Neither output of `configure_logging` shows them, and the caller lookup walks the
+    stack on every line (structlog's logger class walks it further): about a third of
+    an access line's cost. Process-wide, so only for processes ssehub owns
+    (``ssehub serve`` and its workers), never for an app that embeds the hub.
+    """
+    logging._srcfile = None
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
+
+
 class AccessLogger:
     """Access lines (stream open/close/refused) on the stdlib logger ``ssehub.access``.
 
     The fields become the record's extras: an app's own logging configuration decides
     where they go (nowhere below INFO), and :func:`configure_logging` renders them as
     fields of the JSON line. Nothing is formatted while INFO is disabled.
+
+    When `configure_logging` writes JSON and its handler is the only place a line can go
+    (nobody added a handler or filter since), a line skips the record and the handler
+    chain and is written straight in the same format: a busy hub writes two of these per
+    stream, and the record machinery was half of a line's cost.
     """
 
-    __slots__ = ("_logger",)
+    __slots__ = ("_direct", "_logger")
 
     def __init__(self) -> None:
         self._logger = logging.getLogger(ACCESS_LOGGER_NAME)
+        self._direct: _RootHandler | None = None
 
     def enabled(self) -> bool:
         """Whether lines are written (check before building costly fields)."""
         return self._logger.isEnabledFor(logging.INFO)
 
+    def write_json_to(self, handler: _RootHandler | None) -> None:
+        """Write lines straight to ``handler`` as JSON while it is their only output
+        (None: always through the stdlib record machinery)."""
+        self._direct = handler
+
     def info(self, event: str, **fields: Any) -> None:
-        if self._logger.isEnabledFor(logging.INFO):
-            self._logger.info(event, extra=fields)
+        logger = self._logger
+        if not logger.isEnabledFor(logging.INFO):
+            return
+        direct = self._direct
+        if direct is not None and direct.sole_output(logger):
+            line = _line(event, "info", ACCESS_LOGGER_NAME, time.time())
+            for key, value in fields.items():
+                line[key] = _redact_value(value)
+            direct.write_line(_encode_json(line))
+            return
+        # What Logger.info does, less the caller lookup: every access line comes from
+        # the same few places, and the lookup walks the stack each time.
+        record = logger.makeRecord(
+            logger.name, logging.INFO, _NO_FILE, 0, event, (), None, extra=fields
+        )
+        logger.handle(record)
 
 
+_NO_FILE: Final = "(unknown file)"  # what the stdlib records when it skips the lookup
 _ACCESS_LOGGER = AccessLogger()
 
 

@@ -333,9 +333,10 @@ SHARED_SCHEMES: Final = ("redis", "rediss")
 def run_hub(options: HubOptions, sockets: list[socket.socket] | None = None) -> int:
     """Run one hub process until SIGTERM/SIGINT; return its exit status."""
     from ._app import create_app
-    from ._logging import configure_logging
+    from ._logging import configure_logging, skip_caller_lookup
 
     configure_logging(options.log_level, options.log_format, access_log=options.access_log)
+    skip_caller_lookup()
     hub = Hub(options.backend, **options.settings)
     app = create_app(hub, cors_origins=options.cors_origins)
     config = server_config(
