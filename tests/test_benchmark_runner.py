@@ -141,7 +141,7 @@ def test_plan(bench: ModuleType) -> None:
     assert ("naive", "publish-http", 32) not in pairs
     # info logging: a few cases only
     info = {(j.scenario, j.size) for j in jobs if j.target == "ssehub-info"}
-    assert info == {("idle", 10_000), ("fanout", 1_000), ("publish-http", 32)}
+    assert info == {("idle", 10_000), ("fanout", 1_000), ("churn", 60_000), ("publish-http", 32)}
 
 
 def test_a_tiny_real_run_against_the_floor(bench: ModuleType, tmp_path: Path) -> None:

@@ -82,7 +82,9 @@ class HubStreamResponse(Response):
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         hub, sub, plan = self._hub, self._sub, self._plan
-        sub.connection = scope.get("extensions", {}).get(CONNECTION_EXTENSION)
+        connection = sub.connection = scope.get("extensions", {}).get(CONNECTION_EXTENSION)
+        if connection is not None:
+            connection.log_as_stream()
         task = sub.task = asyncio.current_task()
         self._opened()
         try:

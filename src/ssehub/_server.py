@@ -40,7 +40,6 @@ from uvicorn.protocols.http.httptools_impl import (
     HttpToolsProtocol,
     RequestResponseCycle,
 )
-from uvicorn.protocols.utils import get_client_addr, get_path_with_query_string
 
 from ._app import HubApp
 from ._config import DEFAULT_SHUTDOWN_GRACE
@@ -76,22 +75,13 @@ class UvicornConnection:
 
     def start(self, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
         """Start a 200 chunked response with ``body`` as its first chunk, in one write,
-        as uvicorn's ``send`` would for ``http.response.start`` then a body (its access
-        line and default headers included); ``headers`` are lower case and valid."""
+        as uvicorn's ``send`` would for ``http.response.start`` then a body (its default
+        headers included, its access line not: see :meth:`log_as_stream`); ``headers``
+        are lower case and valid."""
         cycle = self.cycle
-        scope = cycle.scope
         cycle.response_started = True
         cycle.waiting_for_100_continue = False
         cycle.chunked_encoding = True
-        if cycle.access_log and cycle.access_logger.isEnabledFor(logging.INFO):
-            cycle.access_logger.info(
-                '%s - "%s %s HTTP/%s" %d',
-                get_client_addr(scope),
-                scope["method"],
-                get_path_with_query_string(scope),
-                scope["http_version"],
-                200,
-            )
         content = [STATUS_LINE[200]]
         for name, value in cycle.default_headers:
             content += (name, b": ", value, b"\r\n")
@@ -132,6 +122,11 @@ class UvicornConnection:
         if not cycle.keep_alive:
             cycle.transport.close()
         cycle.on_response()
+
+    def log_as_stream(self) -> None:
+        """Leave uvicorn's access line out for this request (call before the response
+        starts): the stream writes its own, ``stream.open`` and ``stream.close``."""
+        self.cycle.access_log = False
 
     def send(self, message: Message) -> Awaitable[None]:
         """uvicorn's own send, skipping the middleware wrappers (body messages only)."""

@@ -51,6 +51,10 @@ class Connection(Protocol):
     def write(self, body: bytes) -> bool:
         """Write one body chunk now if the socket takes it; False if ``send`` must wait."""
 
+    def log_as_stream(self) -> None:
+        """Leave the server's access line for this request out (before the response
+        starts): the stream logs itself (``stream.open``, ``stream.close``)."""
+
     def send(self, message: Message) -> Awaitable[None]:
         """The server's own ``send`` for body messages (no middleware wrappers)."""
 

@@ -179,9 +179,10 @@ _url_option = click.option(
     envvar="SSEHUB_ACCESS_LOG",
     show_envvar=True,
     show_default=True,
-    help="Log a line per request and per stream opened and closed (at info level). "
-    "Each line costs about 20-35 µs of CPU: with many short-lived connections, turn "
-    "it off and watch the metrics instead.",
+    help="Log a line per request, and per stream one when it opens and one when it "
+    "closes (at info level). With very many short-lived connections, turn it off and "
+    "watch the metrics instead: the lines cost about a quarter of the streams a "
+    "process can open and close per second.",
 )
 @_option(
     "--cors-origin",

@@ -171,9 +171,14 @@ async def test_stream_log_lines_are_json_and_hide_secrets(tmp_path: Path) -> Non
             await stream.read_until_raw(b"\n\n")
             event_id = await publish(http, server.url, "a", "hello")
             assert (await stream.next(10)).id == event_id
+        # A resumed stream replays from the log first (served through ASGI, not the
+        # direct path): it is logged the same way.
+        resume_from = str(int(event_id) - 1)
+        async with open_stream(server.url, ["a"], last_event_id=resume_from) as stream:
+            assert (await stream.next(10)).id == event_id
 
         def closed() -> bool:
-            return any(r.get("event") == "stream.close" for r in server.records())
+            return len([r for r in server.records() if r.get("event") == "stream.close"]) == 2
 
         await wait_until(closed, 10, "stream.close logged")
         await server.stop(signal.SIGTERM, timeout=GRACE + 10)
@@ -183,8 +188,19 @@ async def test_stream_log_lines_are_json_and_hide_secrets(tmp_path: Path) -> Non
     records = [json.loads(line) for line in output.splitlines() if line.strip()]
     opened = [r for r in records if r.get("event") == "stream.open"]
     closes = [r for r in records if r.get("event") == "stream.close"]
-    assert len(opened) == 1 and len(closes) == 1, records
-    (open_line,), (close_line,) = opened, closes
+    assert len(opened) == 2 and len(closes) == 2, records
+    (open_line, resumed_open), (close_line, resumed_close) = opened, closes
+    assert resumed_open["resume_from"] == resume_from
+    assert resumed_close["events"] == 1 and resumed_close["last_id"] == event_id
+    # Each stream's own two lines are its access log: no request line of uvicorn's
+    # repeats them (the publish request has one).
+    requests = [
+        (r["method"], r["path"], r["status_code"])
+        for r in records
+        if r.get("logger") == "uvicorn.access"
+    ]
+    assert ("POST", "/topics/a/events", 201) in requests, requests
+    assert not [r for r in requests if r[1].startswith("/events")], requests
     assert open_line["logger"] == close_line["logger"] == "ssehub.access"
     assert open_line["topics"] == close_line["topics"] == ["a"]
     assert re.fullmatch(r"127\.0\.0\.1:\d+", open_line["client"])
