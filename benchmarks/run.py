@@ -143,7 +143,7 @@ QUICK: Final = Sizes(
 
 # ssehub-info (info logging) runs these cases only: it is a note on what logging costs,
 # not a full second target
-INFO_SCENARIOS: Final = ("idle", "fanout", "publish")
+INFO_SCENARIOS: Final = ("idle", "fanout", "churn", "publish")
 
 
 # -- runs ------------------------------------------------------------------------------------
