@@ -481,6 +481,17 @@ def test_access_lines_reach_handlers_added_after_configure() -> None:
     assert line["event"] == "stream.open" and line["client"] == "1.2.3.4:5"
 
 
+def test_access_lines_follow_the_level_of_the_handler() -> None:
+    out = io.StringIO()
+    configure_logging(fmt="json", stream=out)
+    (ours,) = [h for h in logging.getLogger().handlers if type(h).__module__ == "ssehub._logging"]
+    ours.setLevel(logging.WARNING)
+    with only_our_handler():
+        access_logger().info("stream.open", topics=["a"], client="1.2.3.4:5")
+        logging.getLogger("ssehub.hub").warning("draining")
+    assert [line["event"] for line in json_lines(out.getvalue())] == ["draining"]
+
+
 def test_access_lines_respect_the_access_log_switch() -> None:
     out = io.StringIO()
     configure_logging(fmt="json", stream=out, access_log=False)

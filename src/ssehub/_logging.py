@@ -299,8 +299,9 @@ class _RootHandler(logging.StreamHandler[TextIO]):
 
     def sole_output(self, logger: logging.Logger) -> bool:
         """Whether this handler is all that a record of ``logger`` would meet: no
-        filter and no other handler on the way from ``logger`` to the root."""
-        if self.filters:
+        filter and no other handler on the way from ``logger`` to the root, and this
+        handler takes INFO lines."""
+        if self.filters or self.level > logging.INFO:
             return False
         current: logging.Logger | None = logger
         while current is not None:
@@ -475,9 +476,10 @@ def skip_caller_lookup() -> None:
     record, as the logging HOWTO's "Optimization" section describes.
 
     Neither output of `configure_logging` shows them, and the caller lookup walks the
-    stack on every line (structlog's logger class walks it further): about a third of
-    an access line's cost. Process-wide, so only for processes ssehub owns
-    (``ssehub serve`` and its workers), never for an app that embeds the hub.
+    stack on every line (structlog's logger class, which uvicorn's loggers get, walks it
+    further): a good part of the cost of uvicorn's request line, one per publish.
+    Process-wide, so only for processes ssehub owns (``ssehub serve`` and its workers),
+    never for an app that embeds the hub.
     """
     logging._srcfile = None
     logging.logThreads = False
