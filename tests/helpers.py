@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import socket
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -49,6 +50,14 @@ async def read_chunk(reader: asyncio.StreamReader) -> bytes | None:
         await reader.readuntil(b"\r\n")
         return None
     return (await reader.readexactly(size + 2))[:-2]
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on (free when this returns)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
 
 
 def open_fds() -> int:

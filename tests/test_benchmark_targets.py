@@ -8,7 +8,6 @@ import asyncio
 import contextlib
 import json
 import os
-import socket
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -19,18 +18,11 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.helpers import open_stream, wait_until
+from tests.helpers import free_port, open_stream, wait_until
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 TARGETS = ["naive_app", "floor_server"]
 FIRST_BLOCK = b": ok\nretry: 3000\n\n"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 @dataclass

@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -35,7 +34,7 @@ from ssehub.loadgen import (
     sample_process,
 )
 
-from .helpers import run_server
+from .helpers import free_port, run_server
 
 # -- the parser ------------------------------------------------------------------------------
 
@@ -216,13 +215,6 @@ def test_localhost_and_loopback_addresses_are_accepted() -> None:
 class Server:
     url: str
     pid: int
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 @pytest.fixture(scope="module")

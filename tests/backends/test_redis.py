@@ -17,7 +17,8 @@ from ssehub.backends import EventLog, Retention, SupportsHealth, SupportsSize, o
 from ssehub.backends import redis as redis_backend
 from ssehub.backends.redis import RedisStreamsEventLog, decode_announcement, map_redis_errors
 
-from ..redis_support import RedisServer, free_port, unique_prefix
+from ..helpers import free_port
+from ..redis_support import RedisServer, unique_prefix
 
 pytestmark = pytest.mark.redis
 

@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import os
 import signal
-import socket
 import sys
 import time
 from collections.abc import AsyncIterator
@@ -18,14 +17,9 @@ from click.testing import CliRunner
 
 from ssehub.cli import main
 
+from ..helpers import free_port
+
 # -- in-process: help texts and argument errors ----------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def run_cli(*args: str) -> tuple[int, str]:

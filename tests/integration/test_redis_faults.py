@@ -27,9 +27,9 @@ import pytest
 
 from ssehub._wire import ServerEvent, SSEDecoder
 
-from ..helpers import read_chunk, wait_until
+from ..helpers import free_port, read_chunk, wait_until
 from ..processes import HubProcess, hub_processes
-from ..redis_support import RedisServer, free_port, redis_unavailable
+from ..redis_support import RedisServer, redis_unavailable
 
 pytestmark = pytest.mark.redis
 
