@@ -1,0 +1,1 @@
+"""Browser tests: ssehub.js and the dashboard page in a real headless Chromium."""
