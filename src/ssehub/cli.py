@@ -192,6 +192,14 @@ _url_option = click.option(
     help="Origin allowed to use the hub from a browser (repeatable); credentials are "
     "allowed for listed origins only.",
 )
+@_option(
+    "--forwarded-allow-ips",
+    default=None,
+    show_default=False,
+    help="Addresses (comma-separated, or * for any) of the proxies whose X-Forwarded-For "
+    "and X-Forwarded-Proto the hub believes; default: uvicorn's FORWARDED_ALLOW_IPS "
+    "variable, else 127.0.0.1. Never * when clients can reach the hub directly.",
+)
 def serve(
     host: str,
     port: int,
@@ -202,6 +210,7 @@ def serve(
     heartbeat: float,
     access_log: bool,
     cors_origins: tuple[str, ...],
+    forwarded_allow_ips: str | None,
     **settings: Any,
 ) -> None:
     """Run the hub: the event stream, publish, long-poll, health and metrics endpoints.
@@ -221,6 +230,7 @@ def serve(
         log_format=log_format,
         access_log=access_log,
         cors_origins=list(cors_origins),
+        forwarded_allow_ips=forwarded_allow_ips,
         settings={"heartbeat_interval": heartbeat, **settings},
     )
     if workers < 1:

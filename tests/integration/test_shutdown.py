@@ -247,3 +247,29 @@ async def test_ctrl_c_drains_like_sigterm(tmp_path: Path) -> None:
         assert took < GRACE + 3, took
         await wait_until(lambda: all(s.eof for s in streams), 5, "every stream closed")
         assert_drained(streams, acked)
+
+
+async def test_forwarded_for_is_believed_only_from_trusted_proxies(tmp_path: Path) -> None:
+    """By default a proxy on this machine (127.0.0.1) is trusted, so the hub logs the
+    client address from X-Forwarded-For; --forwarded-allow-ips narrows that, and then the
+    header from 127.0.0.1 is ignored."""
+    nodes = {
+        "default": ["--backend", f"sqlite:///{tmp_path / 'a.db'}"],
+        "strict": [
+            *("--backend", f"sqlite:///{tmp_path / 'b.db'}"),
+            *("--forwarded-allow-ips", "10.9.9.9"),
+        ],
+    }
+    forged = {"X-Forwarded-For": "203.0.113.7"}
+    async with hub_processes(tmp_path, nodes) as servers:
+        for server in servers:
+            async with open_stream(server.url, ["a"], headers=forged) as stream:
+                await stream.read_until_raw(b"\n\n")
+
+        def opened(server: HubProcess) -> list[str]:
+            return [r["client"] for r in server.records() if r.get("event") == "stream.open"]
+
+        await wait_until(lambda: all(opened(s) for s in servers), 10, "stream.open logged")
+        default, strict = servers
+        assert [c.split(":")[0] for c in opened(default)] == ["203.0.113.7"]
+        assert [c.split(":")[0] for c in opened(strict)] == ["127.0.0.1"]
