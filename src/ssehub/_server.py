@@ -306,7 +306,8 @@ class HubOptions:
     log_level: str = "info"
     log_format: LogFormat = "auto"
     access_log: bool = True
-    """Access lines: uvicorn's per request, and the hub's stream.open/close/refused."""
+    """Access lines: uvicorn's per request (streams excepted), and the hub's
+    stream.open/close/refused."""
     cors_origins: list[str] = field(default_factory=list)
     forwarded_allow_ips: str | None = None
     """Proxies whose X-Forwarded-* headers are believed (None: uvicorn's default)."""
@@ -344,11 +345,7 @@ def run_hub(options: HubOptions, sockets: list[socket.socket] | None = None) -> 
         log_level=options.log_level,
         log_config=None,
         access_log=options.access_log,
-        **(
-            {}
-            if options.forwarded_allow_ips is None
-            else {"forwarded_allow_ips": options.forwarded_allow_ips}
-        ),
+        forwarded_allow_ips=options.forwarded_allow_ips,  # None: uvicorn's default
     )
     server = HubServer(config, hub)
     server.run(sockets=sockets)

@@ -198,7 +198,7 @@ _url_option = click.option(
     show_default=False,
     help="Addresses (comma-separated, or * for any) of the proxies whose X-Forwarded-For "
     "and X-Forwarded-Proto the hub believes; default: uvicorn's FORWARDED_ALLOW_IPS "
-    "variable, else 127.0.0.1. Never * when clients can reach the hub directly.",
+    "variable, else 127.0.0.1 and ::1. Never * when clients can reach the hub directly.",
 )
 def serve(
     host: str,
